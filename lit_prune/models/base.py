@@ -1,0 +1,67 @@
+"""Pieces every zoo family shares: the base class and the channel-selection layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ZooModel(nn.Module):
+    """Base class of zoo models.
+
+    A subclass builds itself from a width config and implements :meth:`arch_kwargs`, which reads the
+    *current* module shapes back into constructor arguments. After physical surgery the model is
+    therefore still described by data (see :func:`lit_prune.models.architecture`).
+    """
+
+    #: (C, H, W) of one input image at the family's native resolution.
+    input_size: tuple[int, int, int] = (3, 32, 32)
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments (``cfg``, ``select``, ...) that rebuild the current shapes."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every weight with the family's own scheme (paper-spec 1.5)."""
+        raise NotImplementedError
+
+
+class ChannelSelection(nn.Module):
+    """Passes on a fixed subset of its input channels (Network Slimming's ``channel_selection``).
+
+    It sits after a BatchNorm whose width cannot change (a residual stream or a dense
+    concatenation) and lets the next conv read only some of those channels. Unlike the reference code,
+    the kept indices are a persistent *buffer*, never a parameter (paper-spec 12.15).
+
+    Args:
+        num_channels: width of the incoming tensor.
+        indices: kept channels in increasing order; None keeps all.
+    """
+
+    def __init__(self, num_channels: int, indices: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        idx = torch.arange(num_channels) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= num_channels):
+            raise ValueError(f"channel selection indices must lie in [0, {num_channels}), got {idx.tolist()}")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError("channel selection indices must be strictly increasing")
+        self.register_buffer("indices", idx)
+
+    @property
+    def selects_all(self) -> bool:
+        return self.indices.numel() == self.num_channels
+
+    def kept(self) -> list[int] | None:
+        """Kept indices as a list, or None when every channel is kept (the compact form for configs)."""
+        return None if self.selects_all else self.indices.tolist()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, num_channels, H, W) -> (N, len(indices), H, W)
+        return x if self.selects_all else x.index_select(1, self.indices)
+
+    def extra_repr(self) -> str:
+        return f"{self.indices.numel()}/{self.num_channels}"

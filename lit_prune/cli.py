@@ -1,0 +1,35 @@
+"""``train.py``: the LightningCLI of lit-prune (fit, validate, test, predict)."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from lit_prune.module import ImageClassifier
+
+
+class LitPruneCLI(LightningCLI):
+    """LightningCLI with the standard callbacks kept out of ``trainer.callbacks``.
+
+    Checkpointing and LR monitoring are their own config groups (``checkpoint``, ``lr_monitor``), so a
+    method config that sets ``trainer.callbacks`` cannot erase them by replacing the list.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "epoch{epoch:03d}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> LitPruneCLI:
+    return LitPruneCLI(
+        ImageClassifier,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )

@@ -1,0 +1,57 @@
+"""Learning-rate schedules of the paper, as per-epoch multiplicative factors (paper-spec 1.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+SCHEDULES = ("multistep", "step", "constant")
+
+
+class PiecewiseConstant:
+    """LR factor for an epoch: the product of ``gammas[i]`` over every milestone ``<= epoch``.
+
+    Covers the paper's three shapes: x0.1 at 50% and 75% of the epochs, x0.1 every N epochs, and
+    SFP's ``--schedule 1 60 120 160 --gammas 10 0.2 0.2 0.2``. A plain object (lists of numbers), so
+    ``LambdaLR.state_dict`` stores it and checkpoints stay loadable with ``weights_only=True``.
+    """
+
+    def __init__(self, milestones: Sequence[int], gammas: Sequence[float]) -> None:
+        if len(milestones) != len(gammas):
+            raise ValueError(f"{len(milestones)} milestones but {len(gammas)} gammas; give one gamma per milestone")
+        self.milestones = [int(m) for m in milestones]
+        self.gammas = [float(g) for g in gammas]
+
+    def __call__(self, epoch: int) -> float:
+        factor = 1.0
+        for m, g in zip(self.milestones, self.gammas):
+            if epoch >= m:
+                factor *= g
+        return factor
+
+
+def milestones_for(
+    schedule: str,
+    max_epochs: int,
+    milestones: Sequence[int] | None = None,
+    step_size: int | None = None,
+) -> list[int]:
+    """Epochs at which the LR changes.
+
+    Args:
+        schedule: ``"multistep"`` (``milestones``, default 50% and 75% of ``max_epochs``), ``"step"``
+            (every ``step_size`` epochs, default a third of ``max_epochs`` as the ImageNet scripts), or
+            ``"constant"``.
+        max_epochs: the run's length; defaults scale with it, which is how Scratch-B stretches them.
+    """
+    if schedule == "constant":
+        return []
+    if schedule == "multistep":
+        if milestones is None:
+            return [int(0.5 * max_epochs), int(0.75 * max_epochs)]
+        return [int(m) for m in milestones]
+    if schedule == "step":
+        step = step_size or max(max_epochs // 3, 1)
+        if step < 1:
+            raise ValueError(f"step_size must be >= 1, got {step}")
+        return list(range(step, max_epochs, step))
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

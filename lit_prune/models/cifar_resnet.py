@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_prune.core import init
+from lit_prune.core.groups import ChannelGroup
 from lit_prune.models.base import ZooModel
 from lit_prune.models.registry import register_model, register_width_config
 
@@ -46,19 +47,24 @@ class ZeroPadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
+    """conv1-bn1-relu-conv2-bn2 + shortcut, relu. A removed branch (width 0) leaves conv1..bn2 None."""
+
     def __init__(self, in_planes: int, width: int, planes: int, stride: int, shortcut: nn.Module | None) -> None:
         super().__init__()
-        self.width = width
-        if width > 0:
-            self.conv1 = nn.Conv2d(in_planes, width, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            self.conv2 = nn.Conv2d(width, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
+        keep = width > 0
+        self.conv1 = nn.Conv2d(in_planes, width, 3, stride, 1, bias=False) if keep else None
+        self.bn1 = nn.BatchNorm2d(width) if keep else None
+        self.conv2 = nn.Conv2d(width, planes, 3, 1, 1, bias=False) if keep else None
+        self.bn2 = nn.BatchNorm2d(planes) if keep else None
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    @property
+    def width(self) -> int:
+        return 0 if self.conv1 is None else self.conv1.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shortcut(x)
-        if self.width > 0:
+        if self.conv1 is not None:
             out = out + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         return F.relu(out)
 
@@ -108,6 +114,20 @@ class CifarResNet(ZooModel):
 
     def arch_kwargs(self) -> dict[str, Any]:
         return {"cfg": [b.width for b in self.blocks()]}
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        # Only the first conv of a block is prunable: conv2's outputs meet the shortcut (paper-spec 3.3).
+        groups = []
+        for s in range(1, 4):
+            for b, block in enumerate(getattr(self, f"layer{s}")):
+                if block.conv1 is None:
+                    continue
+                p = f"layer{s}.{b}"
+                groups.append(ChannelGroup(
+                    name=f"{p}.conv1", producers=(f"{p}.conv1", f"{p}.bn1"), consumers=(f"{p}.conv2",),
+                    bn=f"{p}.bn1", conv=f"{p}.conv1", branch=tuple(f"{p}.{m}" for m in ("conv1", "bn1", "conv2", "bn2")),
+                ))
+        return groups
 
     def reset_parameters(self) -> None:
         for m in self.modules():

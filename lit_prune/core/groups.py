@@ -1,0 +1,69 @@
+"""Prunable channel groups: the channels of one tensor, with every layer that must change with them.
+
+Structured pruning never thinks in layers, only in groups. A group names
+
+* ``producers``: modules whose *output* channels are the group's channels (a conv's filters, its
+  BatchNorm, a linear layer's rows) -- sliced on dim 0 by surgery, zeroed by a mask;
+* ``consumers``: modules that *read* the channels (the next conv's input slices, a linear layer's
+  columns, possibly several columns per channel after a flatten) -- sliced on dim 1;
+* ``selection``: for a stream that cannot change width (a residual stream, a dense concatenation), the
+  :class:`~lit_prune.models.base.ChannelSelection` through which the consumers read it. Pruning then
+  shrinks the selection's indices and the consumers' inputs; the stream and its BN keep full width.
+
+Zoo models declare their groups (``model.channel_groups()``), so one surgery path serves every family.
+Group names are module paths, identical in an unpruned model and in any pruned version of it, which is
+how a predefined target (e.g. ResNet-56-B) is turned into keep counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Coupled channels pruned together.
+
+    Attributes:
+        name: stable id (the producing conv's, or the selection's, module path).
+        producers: module paths whose output channels these are.
+        consumers: module paths that read these channels.
+        selection: path of the ChannelSelection the consumers read through, if any.
+        bn: path of the BatchNorm normalising these channels (Network Slimming scores its gamma).
+        conv: path of the conv producing them (L1/L2 filter criteria score its weight).
+        branch: module paths of a residual branch that disappears when the group is pruned to zero
+            channels (the block becomes its shortcut). Empty for a plain chain, which may not reach zero.
+    """
+
+    name: str
+    producers: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
+    selection: str | None = None
+    bn: str | None = None
+    conv: str | None = None
+    branch: tuple[str, ...] = ()
+
+
+def channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """The prunable groups of ``model`` (zoo models declare them through ``channel_groups()``)."""
+    fn = getattr(model, "channel_groups", None)
+    if fn is None:
+        raise TypeError(
+            f"{type(model).__name__} does not declare its prunable channel groups; build it with "
+            "lit_prune.models.create_model or give it a channel_groups() method returning ChannelGroup items"
+        )
+    return list(fn())
+
+
+def group_size(model: nn.Module, group: ChannelGroup) -> int:
+    """Current number of channels in ``group``."""
+    if group.selection is not None:
+        return model.get_submodule(group.selection).indices.numel()
+    m = model.get_submodule(group.producers[0])
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return m.num_features

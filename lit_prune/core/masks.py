@@ -1,0 +1,117 @@
+"""Boolean masks over parameters: the one mask mechanism of every method.
+
+A mask set is ``{parameter name: bool tensor}``; each tensor has the parameter's shape or broadcasts
+to it (a filter mask of a conv weight is ``(C_out, 1, 1, 1)``). Masks are applied to the weights,
+their gradients and the optimizer's momentum, so a pruned weight cannot come back.
+
+Structured masks (a group's channels) also zero the BatchNorm gamma/beta of removed channels, so that
+the masked model computes exactly what the physically pruned model computes (the removed channels
+output 0 after BN and ReLU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from lit_prune.core.groups import ChannelGroup
+
+Masks = dict[str, torch.Tensor]
+
+
+def _rows(param: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A dim-0 mask for ``param`` (keep has one entry per output channel): shape (C, 1, ..., 1)."""
+    return keep.to(device=param.device, dtype=torch.bool).reshape(-1, *([1] * (param.dim() - 1)))
+
+
+def group_masks(
+    model: nn.Module,
+    group: ChannelGroup,
+    keep: torch.Tensor,
+    *,
+    zero_bn: bool = True,
+    filters_only: bool = False,
+) -> Masks:
+    """Masks that simulate removing the channels of ``group`` where ``keep`` is False.
+
+    Args:
+        zero_bn: also zero the BN gamma/beta of removed channels (exactness of masked vs. exported).
+        filters_only: mask only the conv filters (Soft Filter Pruning as the paper codes it).
+    """
+    keep = keep.to(torch.bool).cpu()
+    masks: Masks = {}
+    if group.selection is not None:
+        # The stream BN is full width: turn the selection-relative keep vector into absolute channels.
+        indices = model.get_submodule(group.selection).indices.cpu()
+        bn = model.get_submodule(group.bn)
+        full = torch.ones(bn.num_features, dtype=torch.bool)
+        full[indices[~keep]] = False
+        if zero_bn:
+            masks[f"{group.bn}.weight"] = full
+            masks[f"{group.bn}.bias"] = full.clone()
+        return masks
+    producers = (group.conv,) if filters_only else group.producers
+    if not filters_only and group.branch and not bool(keep.any()):
+        # The whole residual branch goes: silence its output BN too, so that the masked block equals
+        # the exported block, which is its bare shortcut.
+        producers = group.branch
+    for path in producers:
+        if path is None:
+            continue
+        module = model.get_submodule(path)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not zero_bn:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            masks[f"{path}.{pname}"] = _rows(p, keep)
+    return masks
+
+
+def merge(*mask_sets: Mapping[str, torch.Tensor]) -> Masks:
+    """Combine mask sets; a parameter masked twice keeps only what both keep."""
+    out: Masks = {}
+    for ms in mask_sets:
+        for name, m in ms.items():
+            out[name] = out[name] & m if name in out else m.clone()
+    return out
+
+
+def _params(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        if name not in params:
+            raise KeyError(f"mask for {name!r} matches no parameter of {type(model).__name__}")
+        p = params[name]
+        yield p, m.to(p.device)
+
+
+@torch.no_grad()
+def apply_masks(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Zero masked weights, and their momentum in ``optimizer`` so they stay zero after the next step."""
+    for p, m in _params(model, masks):
+        p.mul_(m)
+        if optimizer is not None:
+            state = optimizer.state.get(p, {})
+            buf = state.get("momentum_buffer")
+            if buf is not None:
+                buf.mul_(m)
+
+
+@torch.no_grad()
+def mask_gradients(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    for p, m in _params(model, masks):
+        if p.grad is not None:
+            p.grad.mul_(m)
+
+
+def sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of masked-parameter entries that are masked out."""
+    total = pruned = 0
+    for p, m in _params(model, masks):
+        full = m.expand_as(p)
+        total += full.numel()
+        pruned += int((~full).sum())
+    return pruned / total if total else 0.0

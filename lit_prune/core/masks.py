@@ -26,6 +26,15 @@ def _rows(param: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return keep.to(device=param.device, dtype=torch.bool).reshape(-1, *([1] * (param.dim() - 1)))
 
 
+def _columns(module: nn.Module, keep: torch.Tensor) -> torch.Tensor:
+    """A dim-1 mask for a consumer's weight: (1, C, 1, 1) for a conv, (1, C * repeat) for a linear."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        repeat = w.shape[1] // keep.numel()
+        return keep.repeat_interleave(repeat).reshape(1, -1).to(w.device)
+    return keep.reshape(1, -1, *([1] * (w.dim() - 2))).to(w.device)
+
+
 def group_masks(
     model: nn.Module,
     group: ChannelGroup,
@@ -43,21 +52,17 @@ def group_masks(
     keep = keep.to(torch.bool).cpu()
     masks: Masks = {}
     if group.selection is not None:
-        # The stream BN is full width: turn the selection-relative keep vector into absolute channels.
-        indices = model.get_submodule(group.selection).indices.cpu()
-        bn = model.get_submodule(group.bn)
-        full = torch.ones(bn.num_features, dtype=torch.bool)
-        full[indices[~keep]] = False
-        if zero_bn:
-            masks[f"{group.bn}.weight"] = full
-            masks[f"{group.bn}.bias"] = full.clone()
-        return masks
-    producers = (group.conv,) if filters_only else group.producers
+        # The stream keeps its width; what changes is which channels the consumers read. Zeroing the
+        # consumers' input slices is exactly what removing them does.
+        return {f"{path}.weight": _columns(model.get_submodule(path), keep) for path in group.consumers}
     if not filters_only and group.branch and not bool(keep.any()):
-        # The whole residual branch goes: silence its output BN too, so that the masked block equals
-        # the exported block, which is its bare shortcut.
-        producers = group.branch
-    for path in producers:
+        # The whole residual branch goes: silence all of it (its output BN too), so that the masked
+        # block equals the exported block, which is its bare shortcut.
+        for path in group.branch:
+            for pname, p in model.get_submodule(path).named_parameters(recurse=False):
+                masks[f"{path}.{pname}"] = torch.zeros((1,) * p.dim(), dtype=torch.bool)
+        return masks
+    for path in (group.conv,) if filters_only else group.producers:
         if path is None:
             continue
         module = model.get_submodule(path)
@@ -73,7 +78,7 @@ def merge(*mask_sets: Mapping[str, torch.Tensor]) -> Masks:
     out: Masks = {}
     for ms in mask_sets:
         for name, m in ms.items():
-            out[name] = out[name] & m if name in out else m.clone()
+            out[name] = (out[name] & m) if name in out else m.clone()
     return out
 
 

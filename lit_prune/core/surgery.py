@@ -103,5 +103,14 @@ def prune_groups(model: nn.Module, keeps: Mapping[str, torch.Tensor]) -> None:
     unknown = sorted(set(keeps) - set(groups))
     if unknown:
         raise KeyError(f"no prunable group named {', '.join(unknown)} in {type(model).__name__}")
+    # A residual branch pruned to nothing disappears whole; its other groups need no slicing first.
+    vanishing = {n for n, k in keeps.items() if groups[n].branch and not bool(k.any())}
+    gone = {path for n in vanishing for path in groups[n].branch}
     for name, keep in keeps.items():
-        prune_group(model, groups[name], keep)
+        g = groups[name]
+        if name not in vanishing and not gone.intersection(g.producers + g.consumers):
+            prune_group(model, g, keep)
+    for name in vanishing:
+        if not gone.isdisjoint(groups[name].branch):
+            prune_group(model, groups[name], keeps[name])
+            gone.difference_update(groups[name].branch)

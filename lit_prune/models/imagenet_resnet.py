@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lit_prune.core import init
+from lit_prune.core.groups import ChannelGroup
 from lit_prune.models.base import ChannelSelection, ZooModel
 from lit_prune.models.registry import register_model, register_width_config
 
@@ -73,7 +74,7 @@ class _Block(nn.Module):
     @property
     def has_branch(self) -> bool:
         """False when the residual branch was removed (width 0): the block is its shortcut."""
-        return hasattr(self, "conv1")
+        return getattr(self, "conv1", None) is not None
 
     def widths(self) -> list[int]:
         """Current inner widths read from the convs (zeros when the branch is removed)."""
@@ -248,6 +249,23 @@ class _ResNet(ZooModel):
         if any(b.downsample is not None and b.downsample[0].bias is not None for b in blocks):
             kwargs["downsample_bias"] = True
         return kwargs
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        # Inner widths of each branch, plus the block-input selection where there is one; the block
+        # output (conv2 of BasicBlock, conv3 of Bottleneck) meets the shortcut and is never cut.
+        groups = []
+        for path, block in self.named_modules():
+            if not isinstance(block, _Block) or not block.has_branch:
+                continue
+            convs = [f"{path}.conv{i}" for i in range(1, block.num_widths + 2)]  # inner convs + the output conv
+            branch = tuple(p for c in convs for p in (c, c.replace("conv", "bn")))
+            if hasattr(block, "select"):
+                groups.append(ChannelGroup(name=f"{path}.select", selection=f"{path}.select", consumers=(convs[0],)))
+            for conv, nxt in zip(convs, convs[1:]):
+                bn = conv.replace("conv", "bn")
+                groups.append(ChannelGroup(name=conv, producers=(conv, bn), consumers=(nxt,), bn=bn, conv=conv,
+                                           branch=branch))
+        return groups
 
     def reset_parameters(self) -> None:
         # paper-spec 1.5: He fan-out convs (= torchvision's kaiming fan_out), BN gamma 1, default Linear

@@ -1,0 +1,182 @@
+"""Plumbing shared by the pruning callbacks: mask enforcement, checkpoint state, DDP-safe export."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lit_prune.artifact import make_artifact, save_artifact
+from lit_prune.core.flops import count_flops
+from lit_prune.core.masks import Masks, apply_masks, mask_gradients, sparsity
+from lit_prune.core.surgery import prune_groups
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(pl_module: pl.LightningModule) -> nn.Module:
+    """The network inside a LightningModule (``pl_module.model`` for ours, else the module itself)."""
+    return getattr(pl_module, "model", pl_module)
+
+
+class PruningCallback(pl.Callback):
+    """Base class: owns the masks, keeps them enforced, saves them in checkpoints, writes the artifact.
+
+    Subclasses decide *what* to prune; this class makes sure that:
+
+    * masked weights stay zero: gradients are masked in ``on_before_optimizer_step`` and weights and
+      momentum re-masked after every optimizer step (when ``enforce_masks`` is True);
+    * ``fit(ckpt_path=...)`` resumes with the same masks and schedule state (``state_dict``);
+    * under DDP every rank holds rank 0's decision (``broadcast``) and only rank 0 writes files.
+
+    Args:
+        artifact_path: where the pruned artifact is written; a relative path is resolved against the
+            trainer's log directory. None writes no artifact.
+    """
+
+    enforce_masks: bool = True
+
+    def __init__(self, artifact_path: str | None = "pruned.pt") -> None:
+        self.artifact_path = artifact_path
+        self.masks: Masks = {}
+        self.dense_counts: dict[str, int] | None = None
+        self.written: str | None = None
+
+    # ---- state -------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {k: v.cpu() for k, v in self.masks.items()}, "dense_counts": self.dense_counts}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = dict(state_dict.get("masks", {}))
+        self.dense_counts = state_dict.get("dense_counts")
+
+    # ---- mask enforcement --------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dense_counts is None:
+            report = count_flops(unwrap(pl_module))
+            self.dense_counts = {"macs": report.macs, "params": report.params}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks and self.enforce_masks:  # restored from a checkpoint: re-impose before any step
+            apply_masks(unwrap(pl_module), self.masks, trainer.optimizers[0] if trainer.optimizers else None)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self.masks and self.enforce_masks:
+            mask_gradients(unwrap(pl_module), self.masks)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.masks and self.enforce_masks:
+            apply_masks(unwrap(pl_module), self.masks, trainer.optimizers[0] if trainer.optimizers else None)
+
+    # ---- one-shot pruning ---------------------------------------------------------------------------
+    method: str = "pruning"
+
+    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Keep vectors ``{group name: bool tensor}`` for ``model`` (implemented by one-shot methods)."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-shot selection")
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments, recorded in the artifact's provenance."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(
+            v, (str, int, float, bool, list, tuple, dict, type(None))) and k not in ("masks", "dense_counts", "written")}
+
+    def prune(
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None
+    ) -> dict[str, Any]:
+        """Select on rank 0, share the decision, export the physically pruned copy as an artifact."""
+        keeps = self.broadcast(trainer, self.select(model))
+        return self.export(model, keeps, trainer=trainer, method=self.method, settings=self.settings(),
+                           path=path, source=source)
+
+    # ---- helpers for subclasses --------------------------------------------------------------------
+    @staticmethod
+    def broadcast(trainer: pl.Trainer | None, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (identity without a trainer or outside DDP)."""
+        if trainer is None or trainer.world_size == 1:
+            return obj
+        return trainer.strategy.broadcast(obj, src=0)
+
+    def set_masks(self, trainer: pl.Trainer | None, model: nn.Module, masks: Masks, optimizer=None) -> None:
+        """Adopt rank 0's masks and apply them (weights and momentum)."""
+        self.masks = self.broadcast(trainer, {k: v.cpu() for k, v in masks.items()})
+        apply_masks(model, self.masks, optimizer)
+
+    def resolve_path(self, trainer: pl.Trainer | None, path: str | None = None) -> Path | None:
+        path = path if path is not None else self.artifact_path
+        if path is None:
+            return None
+        p = Path(path)
+        if not p.is_absolute() and trainer is not None:
+            p = Path(trainer.log_dir or trainer.default_root_dir) / p
+        return p
+
+    def export(
+        self,
+        model: nn.Module,
+        keeps: Mapping[str, torch.Tensor],
+        *,
+        trainer: pl.Trainer | None = None,
+        method: str,
+        settings: Mapping[str, Any],
+        masks: Masks | None = None,
+        path: str | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
+        """Prune a *copy* of ``model`` physically, log the result, and write the artifact on rank 0.
+
+        The live model is left untouched, so the trainer can still test or checkpoint it.
+        """
+        pruned = copy.deepcopy(model)
+        prune_groups(pruned, keeps)
+        if self.dense_counts is None:
+            report = count_flops(model)
+            self.dense_counts = {"macs": report.macs, "params": report.params}
+        art = make_artifact(pruned, method=method, settings=settings, source=source, dense=self.dense_counts,
+                            masks=masks)
+        self._log_export(trainer, keeps, art)
+        target = self.resolve_path(trainer, path)
+        if target is not None:
+            if trainer is None or trainer.is_global_zero:
+                save_artifact(art, target)
+                rank_zero_info(f"pruned artifact written to {target}")
+            if trainer is not None:
+                trainer.strategy.barrier("lit_prune_export")
+            self.written = str(target)
+        return art
+
+    def _log_export(self, trainer: pl.Trainer | None, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]) -> None:
+        f = art["flops"]
+        metrics = {
+            "prune/macs_dense": f["dense"]["macs"], "prune/macs_pruned": f["pruned"]["macs"],
+            "prune/params_dense": f["dense"]["params"], "prune/params_pruned": f["pruned"]["params"],
+            "prune/flops_ratio": f["ratio"],
+        }
+        kept = sum(int(k.sum()) for k in keeps.values())
+        total = sum(k.numel() for k in keeps.values())
+        metrics["prune/channel_sparsity"] = 1 - kept / total if total else 0.0
+        metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
+        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"pruned: {f['pruned']['macs']:,} / {f['dense']['macs']:,} MACs (ratio {f['ratio']:.3f}), "
+            f"{f['pruned']['params']:,} / {f['dense']['params']:,} params, "
+            f"{kept}/{total} channels kept"
+        )
+
+    def log_mask_sparsity(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
+        if trainer is not None and trainer.logger is not None and trainer.is_global_zero and self.masks:
+            trainer.logger.log_metrics({"prune/sparsity": sparsity(model, self.masks)}, step=trainer.global_step)

@@ -1,0 +1,131 @@
+"""L1-norm filter pruning (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017).
+
+One-shot and per layer: in every selected layer keep the filters with the largest sum of absolute
+weights, then remove the rest physically together with their BN channels and the next layer's input
+slices (paper-spec section 3). The paper's targets are the named width configs of the zoo (VGG-16-A,
+ResNet-56-A/B, ResNet-110-A/B, ResNet-34-A/B); a generic form prunes a ratio per layer pattern.
+
+YAML (the paper's ResNet-56-B, pruned at the end of training)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.L1FilterPruning
+          init_args:
+            target: B
+
+Generic form (the same ResNet-56-B, spelled out)::
+
+        - class_path: callbacks.L1FilterPruning
+          init_args:
+            prune_ratio: {"layer1.*": 0.6, "layer2.*": 0.3, "layer3.*": 0.1}
+            skip: [layer1.7.conv1, layer1.8.conv1, layer2.0.conv1, layer2.7.conv1, layer3.0.conv1, layer3.8.conv1]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from callbacks.base import PruningCallback, unwrap
+from lit_prune.core.groups import channel_groups, group_size
+from lit_prune.core.importance import criterion_names, group_scores
+from lit_prune.core.selection import apply_floor, check_patterns, check_ratio, matches_any, ratio_for, top_k
+from lit_prune.models import create_model
+
+
+class L1FilterPruning(PruningCallback):
+    """Prune filters with the smallest L1 norm, per layer, once, at the end of training.
+
+    Args:
+        target: name of a width config of the model being pruned (``"A"``, ``"B"``): the paper's keep
+            counts, taken layer by layer from that architecture.
+        prune_ratio: fraction of filters removed, one number for every layer or a mapping from layer
+            name patterns (``"layer1.*"``) to fractions; ``num_keep = int(C * (1 - ratio))``.
+        keep: explicit number of filters kept per layer name pattern (``{"features.0": 32}``).
+        skip: layer name patterns left at full width (the paper's sensitive layers).
+        criterion: ``"l1"`` (the paper) or ``"l2"``.
+        floor: keep at least this many filters per layer (0 lets a residual branch vanish).
+        artifact_path: where the artifact is written (relative to the trainer's log directory).
+
+    Exactly one of ``target``, ``prune_ratio`` and ``keep`` is given.
+    """
+
+    method = "l1_norm"
+
+    def __init__(
+        self,
+        target: str | None = None,
+        prune_ratio: float | dict[str, float] | None = None,
+        keep: dict[str, int] | None = None,
+        skip: list[str] | None = None,
+        criterion: str = "l1",
+        floor: int = 0,
+        artifact_path: str | None = "pruned.pt",
+    ) -> None:
+        super().__init__(artifact_path)
+        if sum(x is not None for x in (target, prune_ratio, keep)) != 1:
+            raise ValueError("give exactly one of target (a width config name such as 'B'), prune_ratio or keep")
+        if criterion not in criterion_names():
+            raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(criterion_names())}")
+        if prune_ratio is not None:
+            for r in (prune_ratio.values() if isinstance(prune_ratio, dict) else [prune_ratio]):
+                check_ratio(r)
+        if keep is not None and any(not isinstance(k, int) or k < 0 for k in keep.values()):
+            raise ValueError(f"keep counts must be non-negative ints, got {keep}")
+        if floor < 0:
+            raise ValueError(f"floor must be >= 0, got {floor}")
+        self.target, self.prune_ratio, self.keep, self.skip = target, prune_ratio, keep, list(skip or [])
+        self.criterion, self.floor = criterion, floor
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prune(unwrap(pl_module), trainer=trainer)
+
+    @override
+    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        groups = [g for g in channel_groups(model) if g.conv is not None]
+        names = [g.name for g in groups]
+        check_patterns(self.skip, names, "skip")
+        counts = self._target_counts(model) if self.target is not None else None
+        if isinstance(self.prune_ratio, dict):
+            check_patterns(list(self.prune_ratio), names, "prune_ratio")
+        if self.keep is not None:
+            check_patterns(list(self.keep), names, "keep")
+        keeps = {}
+        for g in groups:
+            size = group_size(model, g)
+            k = self._num_keep(g.name, size, counts)
+            if k > size:
+                raise ValueError(f"target width {k} of {g.name!r} is larger than the layer ({size} filters)")
+            scores = group_scores(model, g, self.criterion)
+            keep = apply_floor(scores, top_k(scores, k), self.floor)
+            if not keep.any() and not g.branch:
+                raise ValueError(f"{g.name!r} would lose every filter and is not a residual branch; "
+                                 "keep more filters or set floor: 1")
+            keeps[g.name] = keep
+        return keeps
+
+    def _num_keep(self, name: str, size: int, counts: dict[str, int] | None) -> int:
+        if matches_any(name, self.skip):
+            return size
+        if counts is not None:
+            return counts.get(name, 0)  # a group absent from the target lost its whole branch
+        if self.keep is not None:
+            for pattern, k in self.keep.items():
+                if matches_any(name, [pattern]):
+                    return k
+            return size
+        ratio = ratio_for(name, self.prune_ratio, default=0.0)
+        return int(size * (1 - ratio))
+
+    def _target_counts(self, model: nn.Module) -> dict[str, int]:
+        if not hasattr(model, "zoo_name"):
+            raise ValueError("target needs a zoo model (built with create_model); use prune_ratio or keep otherwise")
+        kwargs: dict[str, Any] = {k: v for k, v in model.zoo_kwargs.items()}
+        kwargs.pop("cfg", None)
+        target = create_model(model.zoo_name, cfg=self.target, **kwargs)
+        return {g.name: group_size(target, g) for g in channel_groups(target) if g.conv is not None}

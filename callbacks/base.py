@@ -91,8 +91,9 @@ class PruningCallback(pl.Callback):
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments, recorded in the artifact's provenance."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(
-            v, (str, int, float, bool, list, tuple, dict, type(None))) and k not in ("masks", "dense_counts", "written")}
+        plain = (str, int, float, bool, list, tuple, dict, type(None))
+        state = ("masks", "dense_counts", "written")
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in state and isinstance(v, plain)}
 
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None
@@ -158,7 +159,9 @@ class PruningCallback(pl.Callback):
             self.written = str(target)
         return art
 
-    def _log_export(self, trainer: pl.Trainer | None, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]) -> None:
+    def _log_export(
+        self, trainer: pl.Trainer | None, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]
+    ) -> None:
         f = art["flops"]
         metrics = {
             "prune/macs_dense": f["dense"]["macs"], "prune/macs_pruned": f["pruned"]["macs"],

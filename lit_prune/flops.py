@@ -2,6 +2,7 @@
 
     python -m lit_prune.flops cifar_vgg16 --width-config A
     python -m lit_prune.flops cifar_resnet56 --width-config '[6, 6, ...]' --json
+    python -m lit_prune.flops runs/pruned.pt          # a pruned artifact
     python -m lit_prune.flops --list
 
 The counting convention is documented in :mod:`lit_prune.core.flops`.
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
+from lit_prune.artifact import build_model, load_artifact
 from lit_prune.core.flops import FlopsReport, count_flops
 from lit_prune.models import create_model, list_models, list_width_configs
 
@@ -40,7 +43,7 @@ def _table(name: str, report: FlopsReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lit_prune.flops", description=__doc__.split("\n")[0])
-    parser.add_argument("model", nargs="?", help="registered model name")
+    parser.add_argument("model", nargs="?", help="registered model name, or the path of a pruned artifact")
     parser.add_argument("--width-config", "--cfg", dest="cfg", help="a registered width-config name or JSON")
     parser.add_argument("--num-classes", type=int, default=None)
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
@@ -58,16 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         parser.error("give a model name (see --list)")
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    extra: dict[str, Any] = {"model": args.model, "cfg": _parse_cfg(args.cfg)}
     try:
-        model = create_model(args.model, cfg=_parse_cfg(args.cfg), **kwargs)
-    except (KeyError, ValueError) as err:
+        if Path(args.model).is_file():  # a pruned artifact: count its non-zero weights, show the dense size
+            art = load_artifact(args.model)
+            model = build_model(art)
+            args.nonzero = args.nonzero or bool(art["masks"])
+            extra = {"model": art["architecture"]["name"], "cfg": art["architecture"]["kwargs"].get("cfg"),
+                     "dense": art["flops"]["dense"], "method": art["provenance"]["method"]}
+        else:
+            model = create_model(args.model, cfg=_parse_cfg(args.cfg), **kwargs)
+    except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     report = count_flops(model, tuple(args.input_size) if args.input_size else None, nonzero=args.nonzero)
     if args.json:
-        print(json.dumps({"model": args.model, "cfg": _parse_cfg(args.cfg), **report.to_dict()}))
+        print(json.dumps({**extra, **report.to_dict()}))
     else:
-        print(_table(args.model, report))
+        print(_table(extra["model"], report))
+        if "dense" in extra:
+            d = extra["dense"]
+            print(f"unpruned: {d['macs']:,} MACs, {d['params']:,} parameters; "
+                  f"FLOPs ratio {d['macs'] / max(report.macs, 1):.3f} ({extra['method']})")
     return 0
 
 

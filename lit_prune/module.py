@@ -13,11 +13,16 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_prune.artifact import build_model, load_artifact
 from lit_prune.core.flops import count_flops
+from lit_prune.core.init import reinit_masked_
+from lit_prune.core.masks import apply_masks, mask_gradients
 from lit_prune.core.schedule import PiecewiseConstant, milestones_for
 from lit_prune.models import architecture, create_model
 
 log = logging.getLogger(__name__)
+
+REGIMES = ("finetune", "scratch")
 
 
 class ImageClassifier(pl.LightningModule):
@@ -37,6 +42,11 @@ class ImageClassifier(pl.LightningModule):
             ``trainer.max_epochs``.
         gamma: LR factor per milestone; a list gives one factor per milestone (SFP: 10, 0.2, 0.2, 0.2).
         step_size: epochs between LR changes for ``"step"``; default a third of ``max_epochs``.
+        artifact: path of a pruned artifact to start from instead of ``arch``/``cfg``.
+        regime: how a run starts from ``artifact``: ``"finetune"`` inherits the pruned weights,
+            ``"scratch"`` builds the pruned architecture (widths, channel selections, masks) with a
+            fresh initialisation (Scratch-E; Scratch-B is the same with more epochs). Masks of masked
+            artifacts stay enforced in both (weights, gradients and momentum).
         model: an ``nn.Module`` to train instead of a zoo model (Python use; not saved in hparams).
 
     YAML::
@@ -50,7 +60,7 @@ class ImageClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        arch: str | None = "cifar_resnet56",
+        arch: str | None = None,
         cfg: Any = None,
         num_classes: int = 10,
         model_kwargs: dict[str, Any] | None = None,
@@ -62,16 +72,24 @@ class ImageClassifier(pl.LightningModule):
         milestones: Sequence[int] | None = None,
         gamma: float | Sequence[float] = 0.1,
         step_size: int | None = None,
+        artifact: str | None = None,
+        regime: str = "finetune",
         model: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         milestones_for(schedule, 1, milestones, step_size)  # validates the schedule name early
+        if regime not in REGIMES:
+            raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
         self.save_hyperparameters(ignore=["model"])
-        if model is None:
+        self.masks: dict[str, torch.Tensor] = {}
+        if model is None and artifact is not None:
+            model = self._from_artifact(artifact, regime, arch, num_classes)
+        elif model is None:
             if arch is None:
-                raise ValueError("give either arch (a zoo model name) or model (an nn.Module)")
+                raise ValueError("give arch (a zoo model name, see `python -m lit_prune.flops --list`), "
+                                 "artifact (a pruned artifact path) or model (an nn.Module)")
             model = create_model(arch, cfg=cfg, num_classes=num_classes, **(model_kwargs or {}))
         self.model = model
         self.example_input_array = torch.zeros(2, *getattr(model, "input_size", (3, 32, 32)))
@@ -85,8 +103,35 @@ class ImageClassifier(pl.LightningModule):
         )
         self._topk = (1, top5)
 
+    def _from_artifact(self, path: str, regime: str, arch: str | None, num_classes: int) -> nn.Module:
+        art = load_artifact(path)
+        name, kwargs = art["architecture"]["name"], art["architecture"]["kwargs"]
+        if arch is not None and arch != name:
+            raise ValueError(f"arch is {arch!r} but the artifact {path} holds a {name!r}; drop arch or give "
+                             "the artifact pruned from that model")
+        if kwargs.get("num_classes", num_classes) != num_classes:
+            raise ValueError(f"the artifact {path} was pruned for {kwargs['num_classes']} classes but the data "
+                             f"has {num_classes}; use an artifact pruned on this dataset")
+        model = build_model(art, weights=regime == "finetune")
+        self.masks = {k: v.bool() for k, v in art.get("masks", {}).items()}
+        if regime == "scratch" and self.masks:
+            reinit_masked_(model, self.masks)
+        return model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    # Masks of masked artifacts stay enforced: gradients before the step, weights and momentum after.
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.masks:
+            mask_gradients(self.model, self.masks)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.masks:
+            apply_masks(self.model, self.masks, self.trainer.optimizers[0])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.masks = dict(checkpoint.get("lit_prune_masks", {}))
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
@@ -143,3 +188,8 @@ class ImageClassifier(pl.LightningModule):
             hp["cfg"] = kwargs.pop("cfg", None)
             kwargs.pop("num_classes", None)
             hp["model_kwargs"] = kwargs
+            hp["arch"] = self.model.zoo_name
+            if hp.get("artifact"):  # the checkpoint now describes the model itself
+                hp["source_artifact"], hp["artifact"] = hp["artifact"], None
+        if self.masks:
+            checkpoint["lit_prune_masks"] = {k: v.cpu() for k, v in self.masks.items()}

@@ -47,3 +47,18 @@ def density_corrected_he_(conv: nn.Conv2d, mask: torch.Tensor) -> None:
         conv.weight.normal_(0.0, math.sqrt(2.0 / n)).mul_(mask.to(conv.weight.dtype))
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
+
+
+def reinit_masked_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Fresh weights for a masked model: density-corrected He init for masked convs, then every mask.
+
+    The rest of the model keeps the initialisation its constructor just gave it.
+    """
+    for name, module in model.named_modules():
+        mask = masks.get(f"{name}.weight")
+        if isinstance(module, nn.Conv2d) and mask is not None:
+            density_corrected_he_(module, mask.expand_as(module.weight))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for pname, mask in masks.items():
+            params[pname].mul_(mask.to(params[pname].device))

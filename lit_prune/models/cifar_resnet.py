@@ -123,9 +123,10 @@ class CifarResNet(ZooModel):
                 if block.conv1 is None:
                     continue
                 p = f"layer{s}.{b}"
+                branch = tuple(f"{p}.{m}" for m in ("conv1", "bn1", "conv2", "bn2"))
                 groups.append(ChannelGroup(
                     name=f"{p}.conv1", producers=(f"{p}.conv1", f"{p}.bn1"), consumers=(f"{p}.conv2",),
-                    bn=f"{p}.bn1", conv=f"{p}.conv1", branch=tuple(f"{p}.{m}" for m in ("conv1", "bn1", "conv2", "bn2")),
+                    bn=f"{p}.bn1", conv=f"{p}.conv1", branch=branch,
                 ))
         return groups
 

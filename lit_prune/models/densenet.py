@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_prune.core import init
+from lit_prune.core.groups import ChannelGroup
 from lit_prune.models.base import ChannelSelection, ZooModel
 from lit_prune.models.registry import register_model
 
@@ -230,9 +231,18 @@ class DenseNet(ZooModel):
         x = F.adaptive_avg_pool2d(F.relu(x), 1)
         return self.fc(torch.flatten(x, 1))
 
+    def named_readers(self) -> list[tuple[str, DenseLayer | Transition]]:
+        """(module path, module) of the dense layers and transitions in forward order."""
+        out: list[tuple[str, DenseLayer | Transition]] = []
+        for k in (1, 2, 3):
+            out += [(f"dense{k}.{i}", layer) for i, layer in enumerate(getattr(self, f"dense{k}"))]
+            if k < 3:
+                out.append((f"trans{k}", getattr(self, f"trans{k}")))
+        return out
+
     def readers(self) -> list[DenseLayer | Transition]:
-        """Dense layers and transitions in forward order."""
-        return [*self.dense1, self.trans1, *self.dense2, self.trans2, *self.dense3]
+        """Dense layers and transitions in forward order (the order of ``cfg`` and ``select``)."""
+        return [m for _, m in self.named_readers()]
 
     def selections(self) -> list[ChannelSelection | None]:
         """The selection of every stream-reading position in forward order (the classifier's last)."""
@@ -244,6 +254,29 @@ class DenseNet(ZooModel):
             return {"cfg": cfg}
         select = [s.kept() for s in self.selections()]
         return {"cfg": cfg, "select": None if all(s is None for s in select) else select}
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        # The stream never changes width, so the only prunable channels are what each reader takes from it
+        # (slim models: through its selection, scored by the BN before it) and the bottleneck widths.
+        # Neither may vanish: a dense layer cannot be removed without changing the stream.
+        groups = []
+        for p, reader in self.named_readers():
+            if reader.select is not None:
+                sel = f"{p}.select"
+                groups.append(ChannelGroup(name=sel, selection=sel, consumers=(f"{p}.conv1",), bn=f"{p}.bn1"))
+            if isinstance(reader, DenseLayer) and reader.bottleneck:
+                groups.append(
+                    ChannelGroup(
+                        name=f"{p}.conv1",
+                        producers=(f"{p}.conv1", f"{p}.bn2"),
+                        consumers=(f"{p}.conv2",),
+                        bn=f"{p}.bn2",
+                        conv=f"{p}.conv1",
+                    )
+                )
+        if self.select is not None:
+            groups.append(ChannelGroup(name="select", selection="select", consumers=("fc",), bn="bn"))
+        return groups
 
     def reset_parameters(self) -> None:
         for m in self.modules():

@@ -233,11 +233,9 @@ class PreResNet(ZooModel):
                 p = f"layer{s}.{b}"
                 branch = tuple(f"{p}.{m}" for m in Bottleneck.BRANCH if getattr(block, m) is not None)
                 if block.select is not None:
-                    groups.append(
-                        ChannelGroup(
-                            name=f"{p}.select", selection=f"{p}.select", consumers=(f"{p}.conv1",), bn=f"{p}.bn1"
-                        )
-                    )
+                    sel = f"{p}.select"
+                    reader = (f"{p}.conv1",)
+                    groups.append(ChannelGroup(name=sel, selection=sel, consumers=reader, bn=f"{p}.bn1"))
                 for conv, bn, nxt in (("conv1", "bn2", "conv2"), ("conv2", "bn3", "conv3")):
                     groups.append(
                         ChannelGroup(

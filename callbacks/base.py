@@ -93,7 +93,7 @@ class PruningCallback(pl.Callback):
         """The constructor arguments, recorded in the artifact's provenance."""
         plain = (str, int, float, bool, list, tuple, dict, type(None))
         state = ("masks", "dense_counts", "written")
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in state and isinstance(v, plain)}
+        return {k: v for k, v in vars(self).items() if k[0] != "_" and k not in state and isinstance(v, plain)}
 
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None

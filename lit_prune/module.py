@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -171,6 +171,16 @@ class ImageClassifier(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._log_model_size()
+
+    def on_fit_end(self) -> None:
+        acc = self.trainer.callback_metrics.get("val/acc1")
+        ckpt = self.trainer.checkpoint_callback
+        where = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        rank_zero_info(
+            (f"final val/acc1: {100 * float(acc):.2f}%" if acc is not None else "fit finished")
+            + (f" | checkpoint: {where}" if where else "")
+            + (f" | TensorBoard: tensorboard --logdir {self.trainer.log_dir}" if self.logger is not None else "")
+        )
 
     @rank_zero_only
     def _log_model_size(self) -> None:

@@ -39,6 +39,10 @@ Channel selections (``slim_*``), kwarg ``select``: one entry per stream-reading 
 (every dense layer, every transition, the classifier: ``3n + 3`` entries). An entry is a strictly
 increasing list of kept stream channels, or None to keep all; ``select=None`` keeps all everywhere.
 
+Prunable channel groups (:meth:`DenseNet.channel_groups`): every selection (slim only, scored by the BN
+before it; 39 for DenseNet-40, one per ``cfg`` entry) and every bottleneck width. A model without
+selections and bottlenecks (``densenet40``, ``densenet_c100``) has none: it is pruned by weight masks.
+
 Init (paper-spec 1.5): conv He fan-out; BN gamma 0.5 (slimming) or 1 (bearpaw), beta 0; Linear default.
 """
 

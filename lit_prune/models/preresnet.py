@@ -34,6 +34,10 @@ channels are read (paper-spec 6.3), so a smaller count needs explicit indices.
 The bearpaw models (``bearpaw_*``) use the same ``cfg`` format without selections: each block's first
 entry and the final entry must then equal the stream width; only conv1/conv2 output widths are free.
 
+Prunable channel groups (:meth:`PreResNet.channel_groups`, one per ``cfg`` entry): each block's selection
+(slim only, scored by BN1), conv1's and conv2's outputs (their residual branch vanishes when one of them
+reaches zero), and the final selection. conv3 and the downsample convs feed the addition and are never cut.
+
 Init (paper-spec 1.5): conv He fan-out; BN gamma 0.5 (slimming) or 1 (bearpaw), beta 0; Linear default.
 """
 

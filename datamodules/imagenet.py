@@ -79,7 +79,7 @@ class ImageNetDataModule(ImageClassificationDataModule):
             raise ValueError(
                 f"num_classes must be a positive int or None (read from train/), got {num_classes}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["num_classes"])  # the model records the resolved count
         self.image_size = image_size
         self.resize_size = resize_size
         # Decided here, not in setup: LightningCLI links data.num_classes to the model at instantiation.

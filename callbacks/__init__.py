@@ -2,5 +2,7 @@
 
 from callbacks.base import PruningCallback
 from callbacks.l1_norm import L1FilterPruning
+from callbacks.sfp import SoftFilterPruning
+from callbacks.slimming import NetworkSlimming
 
-__all__ = ["L1FilterPruning", "PruningCallback"]
+__all__ = ["L1FilterPruning", "NetworkSlimming", "PruningCallback", "SoftFilterPruning"]

@@ -1,0 +1,355 @@
+"""Soft Filter Pruning (He, Kang, Dong, Fu, Yang, "Soft Filter Pruning for Accelerating Deep Convolutional
+Neural Network Models", IJCAI 2018), as the rethinking paper's reference code runs it (paper-spec 8.1).
+
+During training, in every selected conv, the ``int(C_out * prune_ratio)`` filters with the smallest L2
+norm are set to zero: once before the first step, then after every ``interval``-th epoch and after the
+last one (right after the epoch's last step, so that its validation measures the pruned model like the
+reference's recorded ``val_acc_2``). Masks and the last re-prune's epoch live in the callback's checkpoint
+state, so ``fit(ckpt_path=...)`` resumes exactly.
+
+Pruning is *soft*: between re-prunings the zeroed filters receive gradients and may grow back, and
+every re-prune ranks all filters afresh, so a different set may be chosen. Only conv weights are
+touched: BatchNorm, the classifier and the optimizer's momentum are left as they are (the reference code
+multiplies the weights and nothing else).
+
+How a zeroed filter regrows depends on what follows it. Its channel outputs BN's beta; where a ReLU
+follows directly (the stem, each block's first conv) and beta <= 0, no gradient reaches it and it can
+only move by its optimizer momentum (behind a residual add, a block's second conv, gradients usually
+still arrive). Hence, as in the reference: in a run from scratch (beta = 0, no momentum before the
+first step) the filters zeroed before training in the stem and in each block's first conv stay zero, so
+their first selection is final; keeping the momentum is what lets filters zeroed at later re-prunes
+come back there (zeroing it would freeze those too).
+
+Which convs: every ``Conv2d`` by default, the stem and each block's second conv included, as the
+reference's ``mask_index``. Its ``layer_begin 0 / layer_inter 3 / layer_end 54`` (ResNet-20; 90, 162,
+324 for ResNet-32/56/110) walk the parameter list three at a time (conv weight, BN weight, BN bias), which
+is exactly every conv weight, so ``layers: ["*"]``. ``layers``/``skip`` take shell patterns over module
+names (``conv1``, ``layer2.3.conv2``) to restrict that set.
+
+At the end of training two artifacts are written (paths relative to the trainer's log directory):
+
+* ``masked_artifact_path`` (``sfp-masked.pt``): the paper's result, the full-size network with its
+  zero filters, carrying the filter masks. Its FLOPs count non-zero weights only (only output filters
+  are zero, so this understates the saving, as the reference's Scratch-B ratio does; paper-spec 8.2).
+  Scratch-E/B start from it (``model.artifact: .../sfp-masked.pt``, ``model.regime: scratch``).
+* ``artifact_path`` (``pruned.pt``): a physically smaller model, where the architecture allows it. In the
+  CIFAR ResNets only a block's first conv can lose filters (the second one feeds the residual add), so
+  those filters are removed together with their BN channels and the next conv's inputs; the stem and
+  the second convs keep their zero filters as masks. Removing a channel also removes its BN beta, which
+  the masked model still adds: the small model equals the masked model with the BN gamma/beta of the
+  removed channels zeroed as well (the "BN-masked variant"), not the masked model itself.
+
+YAML (SFP from scratch on the SFP baseline recipe, the README's ``--rate 0.7`` = 30% of filters pruned)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.SoftFilterPruning
+          init_args:
+            prune_ratio: 0.3
+            interval: 1
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from callbacks.base import PruningCallback, unwrap
+from lit_prune.artifact import make_artifact, save_artifact
+from lit_prune.core.flops import count_flops
+from lit_prune.core.groups import ChannelGroup, channel_groups
+from lit_prune.core.importance import criterion_names, group_scores
+from lit_prune.core.masks import Masks, apply_masks
+from lit_prune.core.selection import check_patterns, check_ratio, matches_any, top_k
+from lit_prune.core.surgery import prune_groups
+
+log = logging.getLogger(__name__)
+
+
+class SoftFilterPruning(PruningCallback):
+    """Zero the lowest-norm filters of every selected conv, again and again during training.
+
+    Args:
+        prune_ratio: fraction of each layer's filters zeroed, ``int(C_out * prune_ratio)`` of them
+            (16 -> 4, 32 -> 9, 64 -> 19 at 0.3). The reference's ``--rate`` is a *keep* ratio:
+            ``--rate 0.7`` is ``prune_ratio: 0.3``.
+        layers: shell patterns over ``Conv2d`` module names; the convs pruned (default: all of them).
+        skip: patterns of convs left whole, applied after ``layers``.
+        interval: re-prune after every ``interval`` epochs (epochs ``interval``, ``2 * interval``, ...,
+            counted from 1), and after the last epoch. The reference's ``--epoch_prune`` (1 in its
+            README); with a larger value the reference also prunes after the first epoch.
+        criterion: filter score, ``"l2"`` (the paper) or ``"l1"``.
+        artifact_path: the physically smaller model; None writes none.
+        masked_artifact_path: the full-size model with zero filters and its masks; None writes none.
+
+    Raises:
+        ValueError: ``prune_ratio`` outside [0, 1), ``interval`` < 1, an unknown criterion, empty
+            ``layers``; at fit start, a pattern that matches no conv.
+    """
+
+    method = "sfp"
+    # Soft: masks record the last selection but are not imposed between re-prunings.
+    enforce_masks = False
+    _BOOKKEEPING = ("last_prune_epoch", "last_prune_step", "masked_written")
+
+    def __init__(
+        self,
+        prune_ratio: float = 0.3,
+        layers: Sequence[str] = ("*",),
+        skip: Sequence[str] = (),
+        interval: int = 1,
+        criterion: str = "l2",
+        artifact_path: str | None = "pruned.pt",
+        masked_artifact_path: str | None = "sfp-masked.pt",
+    ) -> None:
+        super().__init__(artifact_path)
+        check_ratio(prune_ratio)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive number of epochs between re-prunings (1 = every "
+                             f"epoch, as the paper's --epoch_prune 1), got {interval!r}")
+        _check_filter_criterion(criterion)
+        if isinstance(layers, str) or isinstance(skip, str):
+            raise ValueError("layers and skip are lists of patterns, e.g. layers: ['*'] or skip: ['conv1']")
+        if not layers:
+            raise ValueError("layers is empty: give patterns of the convs to prune, e.g. ['*'] for all of them")
+        self.prune_ratio = float(prune_ratio)
+        self.layers, self.skip = list(layers), list(skip)
+        self.interval, self.criterion = interval, criterion
+        self.masked_artifact_path = masked_artifact_path
+        # epochs completed (0 = before training) and global step at the last re-prune
+        self.last_prune_epoch: int | None = None
+        self.last_prune_step: int | None = None
+        self.masked_written: str | None = None
+        self._restored = False
+
+    # ---- state -------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_prune_epoch": self.last_prune_epoch,
+                "last_prune_step": self.last_prune_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.last_prune_epoch = state_dict.get("last_prune_epoch")
+        self.last_prune_step = state_dict.get("last_prune_step")
+        self._restored = bool(self.masks)
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in super().settings().items() if k not in self._BOOKKEEPING}
+
+    # ---- hooks -------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self.target_convs(unwrap(pl_module))  # a pattern typo fails before the first step
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored:
+            # Resumed: the checkpoint's selection stands. At an epoch boundary the weights are already
+            # zero there, so this changes nothing; re-selecting could break ties among zero filters.
+            apply_masks(unwrap(pl_module), self.masks)
+            self._restored = False
+        else:
+            self.reprune(trainer, unwrap(pl_module))
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Re-prune right after the epoch's last step, before its validation: the logged val metrics
+        # then measure the pruned model, as the reference's recorded val_acc_2 does.
+        if trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+            self._reprune_if_due(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reprune_if_due(trainer, pl_module)  # no-op unless the last batch went unrecognised
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = unwrap(pl_module)
+        if self.last_prune_step != trainer.global_step:  # stopped between re-prunings (max_steps, early stop)
+            self.reprune(trainer, model)
+        self.write_artifacts(model, trainer=trainer)
+
+    # ---- selection ---------------------------------------------------------------------------------
+    def target_convs(self, model: nn.Module) -> list[str]:
+        """Module names of the convs this callback prunes, in ``named_modules`` order.
+
+        Raises:
+            ValueError: a ``layers``/``skip`` pattern matches no conv, or nothing is left to prune.
+        """
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        check_patterns(self.layers, names, "layers")
+        check_patterns(self.skip, names, "skip")
+        chosen = [n for n in names if matches_any(n, self.layers) and not matches_any(n, self.skip)]
+        if not chosen:
+            raise ValueError(f"layers {self.layers} minus skip {self.skip} leaves no conv to prune")
+        return chosen
+
+    def compute_masks(self, model: nn.Module) -> Masks:
+        """This rank's selection: ``{"<conv>.weight": bool (C_out, 1, 1, 1)}``, False = zeroed filter.
+
+        Each conv on its own (no global ranking): its ``int(C_out * prune_ratio)`` lowest-scoring filters
+        are zeroed; among equal scores the lower index goes first, as a stable ``argsort()[:n]``.
+        """
+        masks: Masks = {}
+        for path in self.target_convs(model):
+            weight = model.get_submodule(path).weight  # (C_out, C_in / groups, kh, kw)
+            scores = group_scores(model, ChannelGroup(name=path, conv=path), self.criterion)  # (C_out,)
+            n_zero = int(scores.numel() * self.prune_ratio)
+            keep = top_k(scores, scores.numel() - n_zero)
+            masks[f"{path}.weight"] = keep.reshape(-1, *([1] * (weight.dim() - 1)))
+        return masks
+
+    def reprune(self, trainer: pl.Trainer | None, model: nn.Module, epoch: int | None = None) -> None:
+        """Select filters afresh (rank 0's choice on every rank) and zero them; weights only.
+
+        Args:
+            epoch: epochs completed at this re-prune, for the schedule state (default: the trainer's).
+        """
+        previous = self.masks
+        self.set_masks(trainer, model, self.compute_masks(model))  # no optimizer: momentum is kept
+        if trainer is not None:
+            self.last_prune_epoch = trainer.current_epoch if epoch is None else epoch
+            self.last_prune_step = trainer.global_step
+        self._log_selection(trainer, previous)
+
+    # ---- export ------------------------------------------------------------------------------------
+    @override
+    def prune(
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None
+    ) -> dict[str, Any]:
+        """One final selection on a trained model (zeroed in place), then both artifacts.
+
+        For ``python -m lit_prune.prune`` on an SFP checkpoint: ``path`` is the small artifact, and a
+        relative ``masked_artifact_path`` is written beside it.
+
+        Returns:
+            The small artifact, or the masked one where nothing can be removed physically.
+
+        Raises:
+            TypeError: ``model`` was not built by the zoo, so it cannot be written as an artifact.
+        """
+        if not hasattr(model, "zoo_name"):
+            raise TypeError(f"{type(model).__name__} is not a zoo model; build it with lit_prune.models.create_model")
+        self.reprune(trainer, model)
+        art = self.write_artifacts(model, trainer=trainer, path=path, source=source)
+        assert art is not None  # a zoo model always gives one
+        return art
+
+    def write_artifacts(
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None
+    ) -> dict[str, Any] | None:
+        """Write the masked full-size artifact and, where possible, the physically smaller one (rank 0).
+
+        ``model`` must hold the current selection's zeros (``reprune`` does that). A model that is not
+        from the zoo cannot be described as an artifact: it keeps its zeros and nothing is written.
+
+        Returns:
+            The small artifact, else the masked one; None for a model outside the zoo.
+        """
+        if not hasattr(model, "zoo_name"):
+            rank_zero_warn(f"SFP: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), so no "
+                           "artifact is written; the trained model itself holds the zero filters")
+            return None
+        if self.dense_counts is None:  # dense counts ignore zeros, so the masked model gives them too
+            report = count_flops(model)
+            self.dense_counts = {"macs": report.macs, "params": report.params}
+        settings = self.settings()
+        masked = make_artifact(model, method=self.method, settings=settings, source=source,
+                               dense=self.dense_counts, masks=self.masks)
+        target = self._masked_target(trainer, path)
+        if target is not None:
+            if trainer is None or trainer.is_global_zero:
+                save_artifact(masked, target)
+                rank_zero_info(f"SFP masked artifact written to {target}")
+            if trainer is not None:
+                trainer.strategy.barrier("lit_prune_sfp_masked")
+            self.masked_written = str(target)
+        small = self._export_small(model, trainer, path, source, settings)
+        return small if small is not None else masked
+
+    def removable_keeps(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Keep vectors ``{group name: bool (C,)}`` for the masked convs that surgery can shrink.
+
+        A channel group qualifies when its producing conv is masked and its channels are that conv's
+        filters (in the CIFAR ResNets: each block's first conv). Raises TypeError for a model without
+        declared channel groups.
+        """
+        keeps = {}
+        for g in channel_groups(model):
+            mask = self.masks.get(f"{g.conv}.weight") if g.conv is not None else None
+            if mask is not None and g.selection is None and g.conv in g.producers:
+                keeps[g.name] = mask.flatten().bool()
+        return keeps
+
+    def _export_small(
+        self, model: nn.Module, trainer: pl.Trainer | None, path: str | None, source: str | None,
+        settings: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        if path is None and self.artifact_path is None:
+            return None
+        try:
+            keeps = self.removable_keeps(model)
+        except TypeError as err:  # a model without declared channel groups
+            rank_zero_info(f"SFP: no physically smaller model ({err})")
+            return None
+        if not keeps:
+            rank_zero_info("SFP: none of the masked convs can lose filters physically; only the masked artifact")
+            return None
+        # Convs that keep their width (stem, convs feeding a residual add) keep their zero filters as masks;
+        # a mask is dropped where surgery changed its parameter's output dimension.
+        shrunk = copy.deepcopy(model)
+        prune_groups(shrunk, keeps)
+        params = dict(shrunk.named_parameters())
+        residual = {k: m for k, m in self.masks.items() if k in params and params[k].shape[0] == m.shape[0]}
+        return self.export(model, keeps, trainer=trainer, method=self.method, settings=settings,
+                           masks=residual, path=path, source=source)
+
+    def _masked_target(self, trainer: pl.Trainer | None, path: str | None) -> Path | None:
+        if self.masked_artifact_path is None:
+            return None
+        target = Path(self.masked_artifact_path)
+        if trainer is None and path is not None and not target.is_absolute():
+            return Path(path).parent / target
+        return self.resolve_path(trainer, self.masked_artifact_path)
+
+    # ---- private helpers ---------------------------------------------------------------------------
+    def _reprune_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        completed = trainer.current_epoch + 1  # the epoch whose training steps just ended, counted from 1
+        due = completed % self.interval == 0 or completed == trainer.max_epochs
+        if due and self.last_prune_epoch != completed:
+            self.reprune(trainer, unwrap(pl_module), epoch=completed)
+
+    def _log_selection(self, trainer: pl.Trainer | None, previous: Masks) -> None:
+        zeroed = {name.removesuffix(".weight"): int((~m).sum()) for name, m in self.masks.items()}
+        total = sum(m.numel() for m in self.masks.values())
+        metrics: dict[str, float] = {"prune/sparsity": sum(zeroed.values()) / total if total else 0.0}
+        if previous.keys() == self.masks.keys():  # how many filters changed sides since the last re-prune
+            metrics["prune/mask_changes"] = sum(int((previous[k] != m).sum()) for k, m in self.masks.items())
+        metrics.update({f"prune/zeroed/{name}": n for name, n in zeroed.items()})
+        log.debug("SFP re-prune: %d/%d filters zeroed", sum(zeroed.values()), total)
+        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _check_filter_criterion(criterion: str) -> None:
+    """Refuse names that are not registered, or that score something else than conv filters (BN gamma)."""
+    if criterion not in criterion_names():
+        raise ValueError(f"unknown criterion {criterion!r}; SFP uses 'l2' (or 'l1')")
+    try:  # score a one-filter conv: criteria that read a BatchNorm cannot
+        group_scores(nn.Sequential(nn.Conv2d(1, 1, 1)), ChannelGroup(name="0", conv="0"), criterion)
+    except ValueError:
+        raise ValueError(f"criterion {criterion!r} does not score conv filters; SFP uses 'l2' (or 'l1')") from None

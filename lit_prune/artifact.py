@@ -21,12 +21,13 @@ Load it without Lightning in two lines::
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -40,14 +41,18 @@ FORMAT = "lit-prune-artifact"
 VERSION = 1
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through ``write(file)`` to a temporary file beside ``path``, then rename it into place.
+
+    A crash never leaves a half-written file, and an existing file at ``path`` stays intact until the
+    new one is complete.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -58,6 +63,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -156,6 +171,21 @@ def load_weights(model: nn.Module, art: Mapping[str, Any]) -> None:
         ) from None
     if art.get("masks"):
         apply_masks(model, art["masks"])
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network's state dict from a lit-prune Lightning checkpoint or a plain (e.g. torchvision) one.
+
+    Lightning's ``model.`` prefix and DataParallel's ``module.`` prefixes are removed.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        raise ValueError(f"{path} is a pruned artifact; load it with build_model/load_model")
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+        if any(k.startswith("model.") for k in state):
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return {k.removeprefix("module.").replace(".module.", "."): v for k, v in state.items()}
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:

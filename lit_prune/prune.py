@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 
-from lit_prune.artifact import FORMAT, build_model, load_artifact
+from lit_prune.artifact import FORMAT, build_model, load_artifact, read_weights
 from lit_prune.models import create_model
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,8 @@ def load_source(checkpoint: str | None, arch: str | None, weights: str | None, n
     if arch is None or weights is None:
         raise ValueError("give --checkpoint, or --arch with --weights (a state dict, e.g. torchvision's)")
     model = create_model(arch, **({"num_classes": num_classes} if num_classes else {}))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("module.").replace(".module.", "."): v for k, v in state.items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(read_weights(weights))
     except RuntimeError as err:
         raise ValueError(f"{weights} does not match {arch}: {err}") from None
     return model

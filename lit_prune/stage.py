@@ -1,0 +1,127 @@
+"""One stage of a protocol: fit (resuming from its own last checkpoint), test the final-epoch model,
+record the metrics and export the trained model as an artifact.
+
+    python -m lit_prune.stage --stage_dir runs/exp/seed0/B/scratch_b --config configs/cifar/l1_resnet56.yaml \\
+        --model.artifact runs/exp/seed0/B/pruned.pt --model.regime scratch --trainer.max_epochs 220
+
+Arguments other than ``--stage_dir`` and ``--weights`` (a Lightning checkpoint or a plain, e.g.
+torchvision, state dict loaded into the model before anything runs) are ``train.py fit``
+arguments. The stage is done when
+``<stage_dir>/metrics.json`` exists; a killed stage started again resumes from
+``<stage_dir>/checkpoints/last.ckpt``. ``--trainer.max_epochs 0`` only tests (the pruned model before
+retraining). Lightning's DDP launcher re-executes this module on every rank, so it runs under any strategy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+from typing_extensions import override
+
+from lit_prune.artifact import atomic_save_json, make_artifact, read_weights, save_artifact
+from lit_prune.cli import LitPruneCLI
+from lit_prune.module import ImageClassifier
+
+METRICS = "metrics.json"
+
+
+class StageTimer(pl.Callback):
+    """Training wall time, carried through checkpoints so that a resumed stage reports its whole time."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self._start: float | None = None
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def total(self) -> float:
+        return self.elapsed + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed": self.total()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.elapsed = float(state_dict.get("elapsed", 0.0))
+
+
+def _pop(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag:
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if a.startswith(flag + "="):
+            del argv[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def run_stage(argv: list[str]) -> dict[str, Any]:
+    argv = list(argv)
+    stage_dir = _pop(argv, "--stage_dir")
+    if stage_dir is None:
+        raise SystemExit("lit_prune.stage needs --stage_dir DIR")
+    weights = _pop(argv, "--weights")
+    stage = Path(stage_dir)
+    ckpt_dir = stage / "checkpoints"
+    argv += [f"--checkpoint.dirpath={ckpt_dir}", f"--trainer.default_root_dir={stage}"]
+    cli = LitPruneCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
+                      save_config_kwargs={"overwrite": True})
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if weights is not None:
+        load_weights_into(model, weights)
+    timer = StageTimer()
+    trainer.callbacks.append(timer)
+    last = ckpt_dir / "last.ckpt"
+    if trainer.max_epochs:
+        if last.is_file():
+            rank_zero_info(f"resuming {stage} from {last}")
+        trainer.fit(model, data, ckpt_path=str(last) if last.is_file() else None)
+    results = trainer.test(model, data, verbose=False)[0]
+    metrics = {
+        "acc1": float(results["test/acc1"]),
+        "acc5": float(results.get("test/acc5", results["test/acc1"])),
+        "loss": float(results["test/loss"]),
+        "epochs": int(trainer.current_epoch),
+        "max_epochs": int(trainer.max_epochs or 0),
+        "milestones": list(model.hparams.milestones) if model.hparams.milestones else None,
+        "regime": model.hparams.regime,
+        "artifact": model.hparams.artifact,
+        "wall_time_s": timer.total(),
+        "world_size": trainer.world_size,
+    }
+    if trainer.is_global_zero:
+        if hasattr(model.model, "zoo_name"):
+            art = make_artifact(model.model, method=f"retrain:{model.hparams.regime}", masks=model.masks,
+                                source=str(stage), settings={"max_epochs": metrics["max_epochs"]})
+            metrics.update(macs=art["flops"]["pruned"]["macs"], params=art["flops"]["pruned"]["params"])
+            save_artifact(art, stage / "model.pt")
+        atomic_save_json(metrics, stage / METRICS)
+    trainer.strategy.barrier("lit_prune_stage")
+    return metrics
+
+
+def load_weights_into(module: ImageClassifier, path: str) -> None:
+    """Load a Lightning checkpoint's or a plain state dict's weights into ``module.model`` (strict)."""
+    try:
+        module.model.load_state_dict(read_weights(path))
+    except RuntimeError as err:
+        raise SystemExit(f"{path} does not match the configured model: {err}") from None
+
+
+def main() -> None:
+    metrics = run_stage(sys.argv[1:])
+    rank_zero_info(f"stage done: test acc1 {100 * metrics['acc1']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The command-line tools: lit_prune.flops and lit_prune.prune."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lit_prune import flops, prune
+from lit_prune.artifact import load_artifact
+from lit_prune.models import create_model
+
+
+def test_flops_json_reports_macs_and_params(capsys):
+    assert flops.main(["cifar_vgg16", "--width-config", "A", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["macs"] == pytest.approx(2.06e8, rel=0.01)
+    assert out["params"] > 0 and out["layers"][0]["name"] == "features.0"
+
+
+def test_flops_table_lists_layers_and_total(capsys):
+    assert flops.main(["cifar_resnet56", "--cfg", "B"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0.conv1" in out and "90,907,264 MACs" in out
+
+
+def test_flops_list_names_models_and_width_configs(capsys):
+    assert flops.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar_resnet56  (width configs: A, B)" in out and "slim_preresnet164" in out
+
+
+def test_flops_errors_are_clear(capsys):
+    assert flops.main(["cifar_resnet57"]) == 2
+    assert "unknown model 'cifar_resnet57'" in capsys.readouterr().err
+    assert flops.main(["cifar_resnet56", "--cfg", "Z"]) == 2
+    assert "known: A, B" in capsys.readouterr().err
+
+
+def _method(tmp_path, text: str):
+    path = tmp_path / "method.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_prune_cli_from_torchvision_style_weights(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    torch.save({f"module.{k}": v for k, v in create_model("cifar_resnet56").state_dict().items()}, weights)
+    method = _method(tmp_path, "class_path: callbacks.L1FilterPruning\ninit_args: {target: B}\n")
+    out = tmp_path / "r56b.pt"
+    assert prune.main(["--arch", "cifar_resnet56", "--weights", str(weights), "--config", str(method),
+                       "--out", str(out)]) == 0
+    art = load_artifact(out)
+    assert art["architecture"]["kwargs"]["cfg"] == [6] * 7 + [16, 16, 32] + [22] * 6 + [32, 22, 64] + [57] * 7 + [64]
+    assert art["provenance"]["source"] == str(weights)
+    assert "ratio 1.380" in capsys.readouterr().out
+    # the flops CLI reads the artifact back and shows the unpruned size beside it
+    assert flops.main([str(out)]) == 0
+    assert "FLOPs ratio 1.380 (l1_norm)" in capsys.readouterr().out
+
+
+def test_prune_cli_refuses_bad_input(tmp_path, capsys):
+    method = _method(tmp_path, "class_path: callbacks.L1FilterPruning\ninit_args: {target: B}\n")
+    assert prune.main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--config", str(method), "--out", "x.pt"]) != 0
+    weights = tmp_path / "w.pth"
+    torch.save(create_model("cifar_resnet20").state_dict(), weights)
+    assert prune.main(["--arch", "cifar_resnet56", "--weights", str(weights), "--config", str(method),
+                       "--out", str(tmp_path / "x.pt")]) == 2
+    assert "does not match cifar_resnet56" in capsys.readouterr().err
+    bad = _method(tmp_path, "class_path: callbacks.NoSuchMethod\n")
+    assert prune.main(["--arch", "cifar_resnet56", "--weights", str(weights), "--config", str(bad),
+                       "--out", str(tmp_path / "x.pt")]) == 2
+    assert "cannot import 'callbacks.NoSuchMethod'" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

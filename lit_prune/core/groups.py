@@ -10,7 +10,8 @@ Structured pruning never thinks in layers, only in groups. A group names
   :class:`~lit_prune.models.base.ChannelSelection` through which the consumers read it. Pruning then
   shrinks the selection's indices and the consumers' inputs; the stream and its BN keep full width.
 
-Zoo models declare their groups (``model.channel_groups()``), so one surgery path serves every family.
+Zoo models declare their groups (``model.channel_groups()``), so one surgery path serves every family;
+any other model gets the groups that a traced forward pass proves safe (:mod:`lit_prune.core.trace`).
 Group names are module paths, identical in an unpruned model and in any pruned version of it, which is
 how a predefined target (e.g. ResNet-56-B) is turned into keep counts.
 """
@@ -47,14 +48,22 @@ class ChannelGroup:
 
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """The prunable groups of ``model`` (zoo models declare them through ``channel_groups()``)."""
+    """The prunable groups of ``model``.
+
+    Zoo models declare them through ``channel_groups()``, which always takes precedence. Any other model
+    gets them from :func:`lit_prune.core.trace.trace_channel_groups` (torch.fx tracing, a conservative
+    rule: only convs whose channels reach nothing but the next conv or linear layer; input size
+    ``model.input_size`` or (3, 32, 32)).
+
+    Raises:
+        TypeError: the model declares no groups and its forward cannot be traced.
+    """
     fn = getattr(model, "channel_groups", None)
-    if fn is None:
-        raise TypeError(
-            f"{type(model).__name__} does not declare its prunable channel groups; build it with "
-            "lit_prune.models.create_model or give it a channel_groups() method returning ChannelGroup items"
-        )
-    return list(fn())
+    if callable(fn):
+        return list(fn())
+    from lit_prune.core.trace import trace_channel_groups  # imported here: trace imports this module
+
+    return trace_channel_groups(model)
 
 
 def group_size(model: nn.Module, group: ChannelGroup) -> int:

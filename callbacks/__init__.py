@@ -2,7 +2,8 @@
 
 from callbacks.base import PruningCallback
 from callbacks.l1_norm import L1FilterPruning
+from callbacks.magnitude import MagnitudePruning
 from callbacks.sfp import SoftFilterPruning
 from callbacks.slimming import NetworkSlimming
 
-__all__ = ["L1FilterPruning", "NetworkSlimming", "PruningCallback", "SoftFilterPruning"]
+__all__ = ["L1FilterPruning", "MagnitudePruning", "NetworkSlimming", "PruningCallback", "SoftFilterPruning"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -20,6 +20,11 @@ from lit_prune.core.masks import Masks, apply_masks, mask_gradients, sparsity
 from lit_prune.core.surgery import prune_groups
 
 log = logging.getLogger(__name__)
+
+
+def is_zoo_model(model: nn.Module) -> bool:
+    """Whether ``model`` was built by ``lit_prune.models.create_model``, so an artifact can describe it."""
+    return hasattr(model, "zoo_name") and hasattr(model, "arch_kwargs")
 
 
 def unwrap(pl_module: pl.LightningModule) -> nn.Module:
@@ -37,35 +42,47 @@ class PruningCallback(pl.Callback):
     * ``fit(ckpt_path=...)`` resumes with the same masks and schedule state (``state_dict``);
     * under DDP every rank holds rank 0's decision (``broadcast``) and only rank 0 writes files.
 
+    * with ``keep_init``, the initialisation theta_0 is saved before the first step, kept in checkpoints
+      (a resumed run still knows the true theta_0) and written into the artifact (lottery tickets).
+
     Args:
         artifact_path: where the pruned artifact is written; a relative path is resolved against the
             trainer's log directory. None writes no artifact.
+        keep_init: save theta_0 for lottery-ticket rewinding.
     """
 
     enforce_masks: bool = True
 
-    def __init__(self, artifact_path: str | None = "pruned.pt") -> None:
+    def __init__(self, artifact_path: str | None = "pruned.pt", keep_init: bool = False) -> None:
         self.artifact_path = artifact_path
+        self.keep_init = keep_init
         self.masks: Masks = {}
         self.dense_counts: dict[str, int] | None = None
+        self.init_state: dict[str, torch.Tensor] | None = None
         self.written: str | None = None
 
     # ---- state -------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {k: v.cpu() for k, v in self.masks.items()}, "dense_counts": self.dense_counts}
+        return {"masks": {k: v.cpu() for k, v in self.masks.items()}, "dense_counts": self.dense_counts,
+                "init_state": self.init_state}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = dict(state_dict.get("masks", {}))
         self.dense_counts = state_dict.get("dense_counts")
+        self.init_state = state_dict.get("init_state")
 
     # ---- mask enforcement --------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after a checkpoint restore: a resumed run keeps the theta_0 and counts it saved.
+        model = unwrap(pl_module)
         if self.dense_counts is None:
-            report = count_flops(unwrap(pl_module))
+            report = count_flops(model)
             self.dense_counts = {"macs": report.macs, "params": report.params}
+        if self.keep_init and self.init_state is None:
+            self.init_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,12 +113,19 @@ class PruningCallback(pl.Callback):
         return {k: v for k, v in vars(self).items() if k[0] != "_" and k not in state and isinstance(v, plain)}
 
     def prune(
-        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None
-    ) -> dict[str, Any]:
-        """Select on rank 0, share the decision, export the physically pruned copy as an artifact."""
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, Any] | None:
+        """Select on rank 0, share the decision, export the physically pruned copy as an artifact.
+
+        A model outside the zoo is pruned in place instead and None is returned (see :meth:`export`).
+
+        ``init_state`` (theta_0 of a lottery-ticket run, e.g. carried by a source artifact) is written
+        into the artifact when the callback keeps none of its own.
+        """
         keeps = self.broadcast(trainer, self.select(model))
         return self.export(model, keeps, trainer=trainer, method=self.method, settings=self.settings(),
-                           path=path, source=source)
+                           path=path, source=source, init_state=init_state)
 
     # ---- helpers for subclasses --------------------------------------------------------------------
     @staticmethod
@@ -136,18 +160,34 @@ class PruningCallback(pl.Callback):
         masks: Masks | None = None,
         path: str | None = None,
         source: str | None = None,
-    ) -> dict[str, Any]:
+        init_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, Any] | None:
         """Prune a *copy* of ``model`` physically, log the result, and write the artifact on rank 0.
 
-        The live model is left untouched, so the trainer can still test or checkpoint it.
+        With no ``keeps`` nothing is removed physically: the artifact is the full-size model with its
+        ``masks`` (unstructured and other masked methods). The live model is left untouched, so the
+        trainer can still test or checkpoint it.
+
+        A model outside the zoo (a user's own network, whose groups are traced) cannot be described as
+        an artifact: it is pruned (and masked) *in place* instead, with a warning, and nothing is written.
+
+        Returns:
+            The artifact, or None for a model outside the zoo.
         """
+        if not is_zoo_model(model):
+            self._prune_in_place(model, keeps, trainer=trainer, masks=masks)
+            return None
         pruned = copy.deepcopy(model)
-        prune_groups(pruned, keeps)
+        if keeps:
+            prune_groups(pruned, keeps)
+        if masks:
+            apply_masks(pruned, masks)
         if self.dense_counts is None:
-            report = count_flops(model)
+            report = count_flops(model)  # dense count: zeros of masked weights are counted too
             self.dense_counts = {"macs": report.macs, "params": report.params}
+        init = self.init_state if self.init_state is not None else init_state
         art = make_artifact(pruned, method=method, settings=settings, source=source, dense=self.dense_counts,
-                            masks=masks)
+                            masks=masks, init_state=init)
         self._log_export(trainer, keeps, art)
         target = self.resolve_path(trainer, path)
         if target is not None:
@@ -158,6 +198,30 @@ class PruningCallback(pl.Callback):
                 trainer.strategy.barrier("lit_prune_export")
             self.written = str(target)
         return art
+
+    def _prune_in_place(
+        self, model: nn.Module, keeps: Mapping[str, torch.Tensor], *, trainer: pl.Trainer | None, masks: Masks | None
+    ) -> None:
+        """Apply the decision to the live ``model`` itself: its only record, as no artifact can describe it.
+
+        Every rank holds the same broadcast ``keeps``, so every replica changes alike.
+        """
+        if self.dense_counts is None:
+            report = count_flops(model)
+            self.dense_counts = {"macs": report.macs, "params": report.params}
+        rank_zero_warn(
+            f"{type(self).__name__}: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), so "
+            "no artifact is written; the model itself is pruned in place (its checkpoints hold the dense weights)"
+        )
+        if keeps:
+            prune_groups(model, keeps)
+        if masks:
+            apply_masks(model, masks)
+        report = count_flops(model, nonzero=True)
+        pruned = {"macs": report.macs, "params": report.params}
+        ratio = self.dense_counts["macs"] / max(pruned["macs"], 1)
+        flops = {"dense": self.dense_counts, "pruned": pruned, "ratio": ratio}
+        self._log_export(trainer, keeps, {"flops": flops, "masks": dict(masks or {})})
 
     def _log_export(
         self, trainer: pl.Trainer | None, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]
@@ -170,14 +234,15 @@ class PruningCallback(pl.Callback):
         }
         kept = sum(int(k.sum()) for k in keeps.values())
         total = sum(k.numel() for k in keeps.values())
-        metrics["prune/channel_sparsity"] = 1 - kept / total if total else 0.0
-        metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
+        if total:
+            metrics["prune/channel_sparsity"] = 1 - kept / total
+            metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
         if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        what = f"{kept}/{total} channels kept" if total else f"{len(art['masks'])} masked tensors"
         rank_zero_info(
             f"pruned: {f['pruned']['macs']:,} / {f['dense']['macs']:,} MACs (ratio {f['ratio']:.3f}), "
-            f"{f['pruned']['params']:,} / {f['dense']['params']:,} params, "
-            f"{kept}/{total} channels kept"
+            f"{f['pruned']['params']:,} / {f['dense']['params']:,} params, {what}"
         )
 
     def log_mask_sparsity(self, trainer: pl.Trainer | None, model: nn.Module) -> None:

@@ -33,6 +33,7 @@ from typing_extensions import override
 from callbacks.base import PruningCallback, unwrap
 from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.core.importance import criterion_names, group_scores
+from lit_prune.core.masks import group_masks, merge
 from lit_prune.core.selection import apply_floor, check_patterns, check_ratio, matches_any, ratio_for, top_k
 from lit_prune.models import create_model
 
@@ -49,6 +50,10 @@ class L1FilterPruning(PruningCallback):
         skip: layer name patterns left at full width (the paper's sensitive layers).
         criterion: ``"l1"`` (the paper) or ``"l2"``.
         floor: keep at least this many filters per layer (0 lets a residual branch vanish).
+        mode: ``"physical"`` removes the filters (a narrower model); ``"mask"`` keeps the full-size model
+            and masks each pruned filter with its BN channel and the next layer's input slice (the
+            structured lottery-ticket experiments, paper-spec 10.1, without the reference's indexing bug).
+        keep_init: save theta_0 before training and write it into the artifact (lottery tickets).
         artifact_path: where the artifact is written (relative to the trainer's log directory).
 
     Exactly one of ``target``, ``prune_ratio`` and ``keep`` is given.
@@ -64,9 +69,13 @@ class L1FilterPruning(PruningCallback):
         skip: list[str] | None = None,
         criterion: str = "l1",
         floor: int = 0,
+        mode: str = "physical",
+        keep_init: bool = False,
         artifact_path: str | None = "pruned.pt",
     ) -> None:
-        super().__init__(artifact_path)
+        super().__init__(artifact_path, keep_init=keep_init)
+        if mode not in ("physical", "mask"):
+            raise ValueError(f"mode must be 'physical' (remove filters) or 'mask' (zero them), got {mode!r}")
         if sum(x is not None for x in (target, prune_ratio, keep)) != 1:
             raise ValueError("give exactly one of target (a width config name such as 'B'), prune_ratio or keep")
         if criterion not in criterion_names():
@@ -79,11 +88,24 @@ class L1FilterPruning(PruningCallback):
         if floor < 0:
             raise ValueError(f"floor must be >= 0, got {floor}")
         self.target, self.prune_ratio, self.keep, self.skip = target, prune_ratio, keep, list(skip or [])
-        self.criterion, self.floor = criterion, floor
+        self.criterion, self.floor, self.mode = criterion, floor, mode
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prune(unwrap(pl_module), trainer=trainer)
+
+    @override
+    def prune(
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        if self.mode == "physical":
+            return super().prune(model, trainer=trainer, path=path, source=source, init_state=init_state)
+        keeps = self.broadcast(trainer, self.select(model))
+        groups = {g.name: g for g in channel_groups(model)}
+        self.masks = merge(*[group_masks(model, groups[n], k, consumers=True) for n, k in keeps.items()])
+        return self.export(model, {}, trainer=trainer, method=self.method, settings=self.settings(),
+                           masks=self.masks, path=path, source=source, init_state=init_state)
 
     @override
     def select(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,12 +42,16 @@ def group_masks(
     *,
     zero_bn: bool = True,
     filters_only: bool = False,
+    consumers: bool = False,
 ) -> Masks:
     """Masks that simulate removing the channels of ``group`` where ``keep`` is False.
 
     Args:
         zero_bn: also zero the BN gamma/beta of removed channels (exactness of masked vs. exported).
         filters_only: mask only the conv filters (Soft Filter Pruning as the paper codes it).
+        consumers: also mask the consumers' input slices, so that the masked model has the narrow
+            model's non-zero weights and FLOPs, and a retrained masked model stays equal to a narrow one
+            (structured lottery tickets).
     """
     keep = keep.to(torch.bool).cpu()
     masks: Masks = {}
@@ -70,6 +74,8 @@ def group_masks(
             continue
         for pname, p in module.named_parameters(recurse=False):
             masks[f"{path}.{pname}"] = _rows(p, keep)
+    if consumers:
+        masks.update({f"{path}.weight": _columns(model.get_submodule(path), keep) for path in group.consumers})
     return masks
 
 

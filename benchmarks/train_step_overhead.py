@@ -28,7 +28,7 @@ What is timed, per side and round (wall clock, ``time.perf_counter``):
 
 The minor page faults of each side are counted too. By default (``--malloc keep``) the script asks glibc
 to keep freed memory in the process: otherwise each step may page-fault its activations back in, and
-which side pays depends on the interleaving rather than on the code (see ``_keep_freed_memory``).
+which side pays depends on the interleaving rather than on the code (see ``_common.keep_freed_memory``).
 
 Logger, checkpointing, progress bar and model summary are off, as the goal is the step itself.
 The figures are goals, not gates: never assert them in tests.
@@ -38,51 +38,30 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import ctypes.util
 import json
-import logging
 import statistics
 import sys
 import time
-import warnings
-from pathlib import Path
 from typing import Any
-
-try:
-    import resource
-except ImportError:  # not on Windows: page faults are then reported as 0
-    resource = None
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _common import (  # also makes the repository importable
+    Batch,
+    CycledBatches,
+    add_runtime_args,
+    minor_faults,
+    parse_cfg,
+    random_batches,
+    setup_runtime,
+    summarize,
+    sync,
+)
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-# a script in benchmarks/: make the repository importable without installing it
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lit_prune.module import ImageClassifier  # noqa: E402
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class _CycledBatches:
-    """``steps`` batches per epoch, cycling over a fixed list (no collation, no workers).
-
-    Used as Lightning's train dataloader; the plain side indexes the same list.
-    """
-
-    def __init__(self, batches: list[Batch], steps: int) -> None:
-        self.batches = batches
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        for i in range(self.steps):
-            yield self.batches[i % len(self.batches)]
+from lit_prune.module import ImageClassifier
 
 
 class _PlainLoop:
@@ -100,8 +79,8 @@ class _PlainLoop:
         """Train on batch ``i`` (cycled); return the wall time in seconds and the minor page faults."""
         self.model.train()
         with torch.enable_grad():
-            _sync(self.device)
-            faults, start = _minor_faults(), time.perf_counter()
+            sync(self.device)
+            faults, start = minor_faults(), time.perf_counter()
             x, y = self.batches[i % len(self.batches)]
             # .to() is a no-op on CPU; on an accelerator it matches Lightning's per-step transfer
             x, y = x.to(self.device), y.to(self.device)
@@ -109,8 +88,8 @@ class _PlainLoop:
             loss = F.cross_entropy(self.model(x), y)
             loss.backward()
             self.optimizer.step()
-            _sync(self.device)
-            return time.perf_counter() - start, _minor_faults() - faults
+            sync(self.device)
+            return time.perf_counter() - start, minor_faults() - faults
 
 
 class _InterleavedTimer(Callback):
@@ -135,14 +114,14 @@ class _InterleavedTimer(Callback):
         self._round = dict.fromkeys(("lightning", "in_step", "plain", "lightning_faults", "plain_faults"), 0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        _sync(pl_module.device)
+        sync(pl_module.device)
         self._batch_start = time.perf_counter()
         if batch_idx == 0:
-            self._resume, self._resume_faults = self._batch_start, _minor_faults()
+            self._resume, self._resume_faults = self._batch_start, minor_faults()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        _sync(pl_module.device)
-        now, faults = time.perf_counter(), _minor_faults()
+        sync(pl_module.device)
+        now, faults = time.perf_counter(), minor_faults()
         # Lightning time runs in segments: from the end of the previous plain step (or batch 0's start)
         # to this batch's end, so the fetch and loop bookkeeping between batches count, the plain step not.
         r = self._round
@@ -151,7 +130,7 @@ class _InterleavedTimer(Callback):
         r["in_step"] += now - self._batch_start
         if self.interleave == "step":
             self._run_plain([batch_idx])
-        self._resume, self._resume_faults = time.perf_counter(), _minor_faults()
+        self._resume, self._resume_faults = time.perf_counter(), minor_faults()
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.interleave == "epoch":
@@ -169,58 +148,6 @@ class _InterleavedTimer(Callback):
             seconds, faults = self.plain.step(i)
             self._round["plain"] += seconds
             self._round["plain_faults"] += faults
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _minor_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
-def _keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory in the process instead of handing it back to the OS.
-
-    By default glibc serves large blocks (CNN activations: megabytes each) with ``mmap`` or trims the
-    top of its heap once enough is free, so a training step can page-fault its activations in again,
-    thousands of faults per step. Which side of an interleaved pair pays depends on who freed last, not
-    on the code being measured (measured: ~8,000 faults and ~5% per step on the Lightning side, none
-    on the plain side, of cifar_resnet20 at batch 64; each side alone faults too). With both settings
-    neither side faults in steady state. jemalloc/tcmalloc, or ``MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=<big>`` in the environment, do the same for whole runs.
-
-    Returns:
-        Whether both settings were accepted (False off glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(mallopt(m_trim_threshold, 2**30)) and bool(mallopt(m_mmap_max, 0))
-
-
-def _parse_cfg(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # a registered name such as "A"
-
-
-def _quiet_lightning() -> None:
-    # Trainer start-up chatter ("GPU available", "max_epochs reached") and the warnings that a benchmark
-    # without a val loop or a logger triggers by design.
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*val_dataloader.*")
-    warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning 2.6 on recent torch
 
 
 def measure(
@@ -267,14 +194,7 @@ def measure(
     # a constant LR keeps both sides on the same arithmetic (same weights, step after step)
     module = ImageClassifier(arch=model, cfg=cfg, num_classes=num_classes, schedule="constant")
     input_size = tuple(getattr(module.model, "input_size", (3, 32, 32)))
-    gen = torch.Generator().manual_seed(seed)
-    batches = [
-        (
-            torch.randn(batch_size, *input_size, generator=gen),
-            torch.randint(num_classes, (batch_size,), generator=gen),
-        )
-        for _ in range(num_batches)
-    ]
+    batches = random_batches(num_batches, batch_size, input_size, num_classes, seed)
 
     # the plain side: same initial weights, same optimizer settings and (constant) LR
     hp = module.hparams
@@ -300,12 +220,10 @@ def measure(
         enable_model_summary=False,
         callbacks=[timer],
     )
-    trainer.fit(module, train_dataloaders=_CycledBatches(batches, steps))
+    trainer.fit(module, train_dataloaders=CycledBatches(batches, steps))
 
     ratios = [a / b for a, b in zip(timer.lightning_s, timer.plain_s, strict=True)]
-    q1, q3 = ratios[0], ratios[0]
-    if len(ratios) > 1:
-        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    stats = summarize(ratios)
     ms = lambda seconds: [1000 * s / steps for s in seconds]
     return {
         "model": model,
@@ -323,11 +241,7 @@ def measure(
         "lightning_faults_per_step": [f / steps for f in timer.lightning_faults],
         "plain_faults_per_step": [f / steps for f in timer.plain_faults],
         "ratios": ratios,
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "ratio_q1": q1,
-        "ratio_q3": q3,
+        **{f"ratio_{k}": v for k, v in stats.items()},
     }
 
 
@@ -362,26 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds")
     parser.add_argument("--warmup", type=int, default=1, help="discarded leading rounds")
     parser.add_argument("--num-batches", type=int, default=8, help="distinct in-memory batches")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--interleave", default="step", choices=("step", "epoch"),
                         help="alternate the sides every step (default) or every epoch")
-    parser.add_argument("--malloc", default="keep", choices=("keep", "default"),
-                        help="keep freed memory in the process (default, see _keep_freed_memory) or glibc's "
-                        "default, which returns it to the OS")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_runtime_args(parser)
     args = parser.parse_args(argv)
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    _quiet_lightning()
-    malloc = "default"
-    if args.malloc == "keep":
-        malloc = "keep" if _keep_freed_memory() else "default (mallopt unavailable)"
+    malloc = setup_runtime(args)
     result = measure(
         model=args.model,
-        cfg=_parse_cfg(args.cfg),
+        cfg=parse_cfg(args.cfg),
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         steps=args.steps,

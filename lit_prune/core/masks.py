@@ -11,6 +11,7 @@ output 0 after BN and ReLU).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -88,13 +89,32 @@ def merge(*mask_sets: Mapping[str, torch.Tensor]) -> Masks:
     return out
 
 
+# Bool masks stay the stored form (checkpoints, artifacts); the per-step hot path multiplies by a copy in
+# the parameter's dtype and device, made once per mask: multiplying by a bool tensor converts it every
+# time (about 4x slower per element on CPU, benchmarks/callback_overhead.py).
+# Keyed by id(mask) (tensors compare element-wise, so they cannot be dict keys); an entry goes with its mask.
+# Masks are therefore treated as immutable: every method builds new mask tensors instead of editing them.
+_CAST: dict[int, dict[tuple[torch.device, torch.dtype], torch.Tensor]] = {}
+
+
+def _cast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    copies = _CAST.get(id(mask))
+    if copies is None:
+        copies = _CAST[id(mask)] = {}
+        weakref.finalize(mask, _CAST.pop, id(mask), None)
+    key = (like.device, like.dtype)
+    if key not in copies:
+        copies[key] = mask.to(device=like.device, dtype=like.dtype)
+    return copies[key]
+
+
 def _params(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     params = dict(model.named_parameters())
     for name, m in masks.items():
         if name not in params:
             raise KeyError(f"mask for {name!r} matches no parameter of {type(model).__name__}")
         p = params[name]
-        yield p, m.to(p.device)
+        yield p, _cast(m, p)
 
 
 @torch.no_grad()
@@ -124,5 +144,5 @@ def sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> float:
     for p, m in _params(model, masks):
         full = m.expand_as(p)
         total += full.numel()
-        pruned += int((~full).sum())
+        pruned += int((full == 0).sum())
     return pruned / total if total else 0.0

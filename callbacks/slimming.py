@@ -99,13 +99,15 @@ class NetworkSlimming(PruningCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Recorded before the strategy may turn BNs into SyncBatchNorm, which forgets BN2d vs BN1d.
         self._bn_names = self._find_bns(pl_module)
-        if self.prune_at_end and stage == "fit" and not hasattr(unwrap(pl_module), "channel_groups"):
-            # fail now rather than after the whole sparsity training
-            raise ValueError(
-                f"NetworkSlimming cannot prune a {type(unwrap(pl_module)).__name__} at the end of training: "
-                "it does not declare channel_groups() (build it with lit_prune.models.create_model). Set "
-                "prune_at_end: false to train with the sparsity penalty only"
-            )
+        if self.prune_at_end and stage == "fit":
+            # fail now rather than after the whole sparsity training (user models are traced for their groups)
+            try:
+                channel_groups(unwrap(pl_module))
+            except TypeError as err:
+                raise ValueError(
+                    f"NetworkSlimming cannot prune a {type(unwrap(pl_module)).__name__} at the end of training: "
+                    f"{err}. Set prune_at_end: false to train with the sparsity penalty only"
+                ) from None
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:

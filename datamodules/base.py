@@ -13,11 +13,44 @@ the model or the callbacks: everything outside sees only ``(images, labels)`` ba
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A random order of the dataset that depends only on a seed and the epoch number.
+
+    torch's ``RandomSampler`` draws a new seed from the global RNG at every epoch. A checkpoint does not
+    hold that RNG's state, so a run resumed at an epoch boundary would see other batches than the
+    uninterrupted run. Here the seed is drawn once, when the loader is built (so ``seed_everything``
+    decides it, and a restarted run, which builds its loader at the same point of the same seeded
+    program, draws the same one), and epoch ``e`` uses the ``e``-th number of that seed's stream.
+    Lightning calls ``set_epoch`` at the start of every training epoch (as for a ``DistributedSampler``,
+    which replaces this sampler under DDP); used on its own, each iteration moves to the next epoch.
+
+    Args:
+        data_source: the dataset.
+        seed: base seed; None draws one from torch's global RNG.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int | None = None) -> None:
+        super().__init__(data_source)
+        self.seed = int(torch.randint(2**62, ())) if seed is None else int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        stream = torch.Generator().manual_seed(self.seed)
+        epoch_seed = int(torch.randint(2**62, (epoch + 1,), generator=stream)[-1])
+        order = torch.randperm(len(self.data_source), generator=torch.Generator().manual_seed(epoch_seed))
+        return iter(order.tolist())
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -69,13 +102,16 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         # drop_last=False everywhere: the reference scripts keep the last partial training batch.
         kwargs: dict[str, Any] = {}
+        if shuffle:
+            # Not shuffle=True: an order fixed by (seed, epoch) lets a resumed run see the same batches. No
+            # `shuffle` keyword either: Lightning then recognises a RandomSampler and shuffles under DDP.
+            kwargs["sampler"] = EpochSeededRandomSampler(dataset)
         if self.num_workers > 0:
             # Workers survive between epochs: respawning them each epoch costs seconds on ImageNet.
             kwargs["persistent_workers"] = True
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),

@@ -22,7 +22,7 @@ from lit_prune.models import architecture, create_model
 
 log = logging.getLogger(__name__)
 
-REGIMES = ("finetune", "scratch")
+REGIMES = ("finetune", "scratch", "rewind")
 
 
 class ImageClassifier(pl.LightningModule):
@@ -45,8 +45,10 @@ class ImageClassifier(pl.LightningModule):
         artifact: path of a pruned artifact to start from instead of ``arch``/``cfg``.
         regime: how a run starts from ``artifact``: ``"finetune"`` inherits the pruned weights,
             ``"scratch"`` builds the pruned architecture (widths, channel selections, masks) with a
-            fresh initialisation (Scratch-E; Scratch-B is the same with more epochs). Masks of masked
-            artifacts stay enforced in both (weights, gradients and momentum).
+            fresh initialisation (Scratch-E; Scratch-B is the same with more epochs; masked convs get
+            the density-corrected He init), ``"rewind"`` restarts from the artifact's saved
+            initialisation theta_0 times the mask (a lottery-ticket "winning ticket"). Masks of masked
+            artifacts stay enforced in every regime (weights, gradients and momentum).
         model: an ``nn.Module`` to train instead of a zoo model (Python use; not saved in hparams).
 
     YAML::
@@ -84,6 +86,7 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
         self.save_hyperparameters(ignore=["model"])
         self.masks: dict[str, torch.Tensor] = {}
+        self.init_state: dict[str, torch.Tensor] | None = None
         if model is None and artifact is not None:
             model = self._from_artifact(artifact, regime, arch, num_classes)
         elif model is None:
@@ -109,13 +112,26 @@ class ImageClassifier(pl.LightningModule):
         if arch is not None and arch != name:
             raise ValueError(f"arch is {arch!r} but the artifact {path} holds a {name!r}; drop arch or give "
                              "the artifact pruned from that model")
-        if kwargs.get("num_classes", num_classes) != num_classes:
-            raise ValueError(f"the artifact {path} was pruned for {kwargs['num_classes']} classes but the data "
-                             f"has {num_classes}; use an artifact pruned on this dataset")
         model = build_model(art, weights=regime == "finetune")
+        # An artifact of a model built without num_classes has the builder's default, not the data's count.
+        classes = kwargs.get("num_classes", _classifier_width(model))
+        if classes is not None and classes != num_classes:
+            raise ValueError(f"the artifact {path} was pruned for {classes} classes but the data "
+                             f"has {num_classes}; use an artifact pruned on this dataset")
         self.masks = {k: v.bool() for k, v in art.get("masks", {}).items()}
+        self.init_state = art.get("init_state")  # theta_0 travels on, for the next lottery round
         if regime == "scratch" and self.masks:
             reinit_masked_(model, self.masks)
+        elif regime == "rewind":
+            if self.init_state is None:
+                raise ValueError(f"the artifact {path} holds no initialisation theta_0 to rewind to; prune with "
+                                 "keep_init: true (and a masked method) for lottery tickets")
+            try:
+                model.load_state_dict(self.init_state)
+            except RuntimeError:
+                raise ValueError(f"theta_0 in {path} does not fit its pruned architecture; rewinding needs a "
+                                 "masked artifact (e.g. L1FilterPruning mode: mask)") from None
+            apply_masks(model, self.masks)
         return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,3 +219,9 @@ class ImageClassifier(pl.LightningModule):
                 hp["source_artifact"], hp["artifact"] = hp["artifact"], None
         if self.masks:
             checkpoint["lit_prune_masks"] = {k: v.cpu() for k, v in self.masks.items()}
+
+
+def _classifier_width(model: nn.Module) -> int | None:
+    """Output width of the last ``nn.Linear`` (the classifier of every zoo model), None without one."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None

@@ -57,8 +57,11 @@ import yaml
 from lit_prune.artifact import atomic_save_json, load_artifact
 from lit_prune.core.budget import RULES, scratch_b_budget
 
-REGIMES = ("finetune", "scratch_e", "scratch_b")
-ROWS = ("unpruned", "pruned", *REGIMES)
+REGIMES = ("finetune", "scratch_e", "scratch_b")  # the paper's three; configs may name more (lottery arms)
+# How each regime starts from the artifact (ImageClassifier's regime) and which budget it trains for.
+DEFAULTS = {"finetune": {"regime": "finetune", "budget": "same"},
+            "scratch_e": {"regime": "scratch", "budget": "same"},
+            "scratch_b": {"regime": "scratch", "budget": "compute"}}
 LABELS = {"unpruned": "Unpruned", "pruned": "Pruned (no retraining)", "finetune": "Fine-tuned",
           "scratch_e": "Scratch-E", "scratch_b": "Scratch-B"}
 _TOP_KEYS = {"name", "base", "seeds", "args", "large", "variants", "regimes", "paper", "out"}
@@ -88,18 +91,33 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     exp.setdefault("large", {})
     exp.setdefault("paper", {})
     exp.setdefault("regimes", {r: {} for r in REGIMES})
-    bad = set(exp["regimes"]) - set(REGIMES)
-    if bad:
-        raise ExperimentError(f"{path}: unknown regimes {sorted(bad)}; choose from {', '.join(REGIMES)}")
-    b = exp["regimes"].get("scratch_b") or {}
-    if b.get("cap") is not None and float(b["cap"]) < 1:
-        raise ExperimentError(f"{path}: scratch_b cap must be >= 1 (the paper uses 2.0 on ImageNet), got {b['cap']}")
-    if b.get("rule", "fractions") not in RULES:
-        raise ExperimentError(f"{path}: scratch_b rule must be one of {', '.join(RULES)}, got {b.get('rule')!r}")
+    regimes = {}
+    for key, cfg in exp["regimes"].items():
+        cfg = {**DEFAULTS.get(key, {}), **(cfg or {})}
+        if cfg.get("regime") not in ("finetune", "scratch", "rewind"):
+            raise ExperimentError(f"{path}: regime {key!r} needs 'regime: finetune | scratch | rewind' (the "
+                                  f"paper's {', '.join(REGIMES)} have it by default)")
+        if cfg.get("budget", "same") not in ("same", "compute"):
+            raise ExperimentError(f"{path}: regime {key!r}: budget must be 'same' (Scratch-E) or 'compute' "
+                                  f"(Scratch-B), got {cfg['budget']!r}")
+        if cfg.get("cap") is not None and float(cfg["cap"]) < 1:
+            raise ExperimentError(f"{path}: regime {key!r}: the Scratch-B cap must be >= 1 (the paper uses 2.0 on "
+                                  f"ImageNet), got {cfg['cap']}")
+        if cfg.get("rule", "fractions") not in RULES:
+            raise ExperimentError(f"{path}: regime {key!r}: rule must be one of {', '.join(RULES)}, "
+                                  f"got {cfg.get('rule')!r}")
+        regimes[key] = cfg
+    exp["regimes"] = regimes
     names = [v.get("name") for v in exp["variants"]]
     if len(set(names)) != len(names) or not all(names):
         raise ExperimentError(f"{path}: every variant needs a unique name, got {names}")
-    for v in exp["variants"]:
+    for i, v in enumerate(exp["variants"]):
+        src = v.get("source")
+        if src is not None:
+            earlier = [w["name"] for w in exp["variants"][:i]]
+            if src.get("variant") not in earlier or src.get("regime") not in regimes:
+                raise ExperimentError(f"{path}: variant {v['name']!r}: source must name an earlier variant "
+                                      f"({earlier}) and a regime ({list(regimes)}), got {src}")
         if not v.get("method") and not v.get("from_training"):
             raise ExperimentError(f"{path}: variant {v['name']!r} needs 'method' (a method config) or 'from_training'")
         if v.get("method") and not Path(v["method"]).is_file():
@@ -226,23 +244,20 @@ class Protocol:
                 if v.get("from_training"):
                     prune.note = f"artifact {v['from_training']} written by the large run's callback"
                 else:
-                    prune.command = [self.python, "-m", "lit_prune.prune", *self._prune_source(seed),
-                                     f"--config={v['method']}", f"--out={artifact}"]
+                    src = v.get("source")  # iterative pruning: prune the retrained model of an earlier variant
+                    source = ([f"--checkpoint={root / src['variant'] / src['regime'] / 'model.pt'}"] if src
+                              else self._prune_source(seed))
+                    prune.command = [self.python, "-m", "lit_prune.prune", *source, f"--config={v['method']}",
+                                     f"--out={artifact}"]
                 stages.append(prune)
                 art = [f"--model.artifact={artifact}"]
                 pruned = Stage(seed, v["name"], "pruned", vdir / "pruned", epochs=0)
                 pruned.command = self._stage_cmd(pruned, [*art, "--model.regime=finetune", "--trainer.max_epochs=0"])
                 stages.append(pruned)
-                for regime in REGIMES:
-                    if regime not in regimes:
-                        continue
-                    st = Stage(seed, v["name"], regime, vdir / regime)
-                    extra = [*art, f"--model.regime={'finetune' if regime == 'finetune' else 'scratch'}"]
-                    if regime == "scratch_e":
-                        st.epochs = self.epochs
-                    extra += list((regimes.get(regime) or {}).get("args", []))
-                    if regime == "finetune":
-                        st.epochs = int(_last_value(extra, "--trainer.max_epochs") or self.epochs)
+                for key, cfg in regimes.items():
+                    st = Stage(seed, v["name"], key, vdir / key)
+                    extra = [*art, f"--model.regime={cfg['regime']}", *map(str, cfg.get("args", []))]
+                    st.epochs = int(_last_value(extra, "--trainer.max_epochs") or self.epochs)
                     st.command = self._stage_cmd(st, extra)
                     stages.append(st)
         return stages
@@ -256,7 +271,7 @@ class Protocol:
     def scratch_b(self, st: Stage) -> list[str]:
         """Scratch-B's epochs and milestones from the FLOPs ratio of the artifact (known after pruning)."""
         art = load_artifact(self.out / f"seed{st.seed}" / st.variant / "prune" / "pruned.pt")
-        cfg = self.exp["regimes"].get("scratch_b") or {}
+        cfg = self.exp["regimes"][st.kind]
         budget = scratch_b_budget(self.epochs, art["flops"]["ratio"], rule=cfg.get("rule", "fractions"),
                                   cap=cfg.get("cap"), base_milestones=base_milestones(self.exp))
         st.epochs = budget.epochs
@@ -285,7 +300,7 @@ class Protocol:
         t_start = time.time()
         for i, st in enumerate(stages, 1):
             head = f"[{i}/{len(stages)}] {st.label}"
-            if st.kind == "scratch_b":
+            if self.exp["regimes"].get(st.kind, {}).get("budget") == "compute":
                 if dry_run and not (st.dir.parent / "prune" / "pruned.pt").is_file():
                     st.note = f"epochs = int({self.epochs} * r), r = FLOPs ratio measured after pruning"
                 else:
@@ -357,14 +372,14 @@ def collect(exp: dict[str, Any], out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"name": exp["name"], "seeds": exp["seeds"], "variants": {}}
     for v in exp["variants"]:
         rows: dict[str, Any] = {}
-        for row in ROWS:
+        for row in ("unpruned", "pruned", *exp["regimes"]):
             per_seed = []
             for seed in exp["seeds"]:
                 sdir = out / f"seed{seed}" / ("large" if row == "unpruned" else f"{v['name']}/{row}")
                 m = read_metrics(sdir)
                 if m is not None:
                     per_seed.append(m)
-            if not per_seed or (row in REGIMES and row not in exp["regimes"]):
+            if not per_seed:
                 continue
             accs = [100 * m["acc1"] for m in per_seed]
             mean, std = _mean_std(accs)
@@ -394,8 +409,9 @@ def write_results(exp: dict[str, Any], out: Path, results: dict[str, Any]) -> No
             lines.append("")
         lines += ["| | accuracy | n | epochs | wall time / seed | paper |", "|---|---|---|---|---|---|"]
         for row, r in v["rows"].items():
-            ms = f" (LR steps {r['milestones']})" if row == "scratch_b" and r.get("milestones") else ""
-            lines.append(f"| {LABELS[row]} | {r['acc1_mean']:.2f} ± {r['acc1_std']:.2f} | {r['n']} | "
+            budget = exp["regimes"].get(row, {}).get("budget")
+            ms = f" (LR steps {r['milestones']})" if budget == "compute" and r.get("milestones") else ""
+            lines.append(f"| {LABELS.get(row, row)} | {r['acc1_mean']:.2f} ± {r['acc1_std']:.2f} | {r['n']} | "
                          f"{r['epochs']}{ms} | {r['wall_time_s']:.0f} s | {r['paper'] or ''} |")
         lines.append("")
     (out / ".results.md.tmp").write_text("\n".join(lines))
@@ -411,17 +427,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = results["variants"]
+    rows_all = list(dict.fromkeys(r for v in variants.values() for r in v["rows"]))
     several = len(variants) > 1
     fig, axes = plt.subplots(1, 2 if several else 1, figsize=(11 if several else 6, 4), squeeze=False)
     ax = axes[0][0]
     width = 0.8 / max(len(variants), 1)
     for j, (name, v) in enumerate(variants.items()):
-        rows = [r for r in ROWS if r in v["rows"]]
-        xs = [ROWS.index(r) + j * width for r in rows]
+        rows = [r for r in rows_all if r in v["rows"]]
+        xs = [rows_all.index(r) + j * width for r in rows]
         ax.bar(xs, [v["rows"][r]["acc1_mean"] for r in rows], width, yerr=[v["rows"][r]["acc1_std"] for r in rows],
                capsize=3, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ROWS))], [LABELS[r].split(" (")[0] for r in ROWS],
-                  rotation=20)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows_all))],
+                  [LABELS.get(r, r).split(" (")[0] for r in rows_all], rotation=20)
     accs = [r["acc1_mean"] for v in variants.values() for r in v["rows"].values()]
     if accs:
         ax.set_ylim(max(0.0, min(accs) - 5), min(100.0, max(accs) + 2))
@@ -430,12 +447,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.legend(title="pruned model")
     if several:
         ax2 = axes[0][1]
-        for regime in REGIMES:
+        for regime in [r for r in rows_all if r not in ("unpruned", "pruned")]:
             pts = sorted((v["flops"]["pruned"]["macs"], v["rows"][regime]["acc1_mean"], v["rows"][regime]["acc1_std"])
                          for v in variants.values() if v["flops"] and regime in v["rows"])
             if pts:
                 ax2.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", capsize=3,
-                             label=LABELS[regime])
+                             label=LABELS.get(regime, regime))
         ax2.set_xlabel("MACs of the pruned model")
         ax2.set_ylabel("test top-1 accuracy (%)")
         ax2.legend()

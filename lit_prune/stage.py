@@ -73,7 +73,10 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
     weights = _pop(argv, "--weights")
     stage = Path(stage_dir)
     ckpt_dir = stage / "checkpoints"
-    argv += [f"--checkpoint.dirpath={ckpt_dir}", f"--trainer.default_root_dir={stage}"]
+    # No "last-v1.ckpt": a restart whose checkpoint state does not name this directory (the experiment was
+    # moved) would otherwise write there, leaving a stale last.ckpt for the next resume and for pruning.
+    argv = ["--checkpoint.enable_version_counter=false", *argv,
+            f"--checkpoint.dirpath={ckpt_dir}", f"--trainer.default_root_dir={stage}"]
     cli = LitPruneCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
                       save_config_kwargs={"overwrite": True})
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
@@ -102,7 +105,8 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
     if trainer.is_global_zero:
         if hasattr(model.model, "zoo_name"):
             art = make_artifact(model.model, method=f"retrain:{model.hparams.regime}", masks=model.masks,
-                                source=str(stage), settings={"max_epochs": metrics["max_epochs"]})
+                                source=str(stage), settings={"max_epochs": metrics["max_epochs"]},
+                                init_state=model.init_state)
             metrics.update(macs=art["flops"]["pruned"]["macs"], params=art["flops"]["pruned"]["params"])
             save_artifact(art, stage / "model.pt")
         atomic_save_json(metrics, stage / METRICS)

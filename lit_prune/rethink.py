@@ -385,7 +385,9 @@ def collect(exp: dict[str, Any], out: Path) -> dict[str, Any]:
             mean, std = _mean_std(accs)
             rows[row] = {
                 "acc1_mean": mean, "acc1_std": std, "n": len(accs), "acc1": accs,
-                "epochs": per_seed[0]["max_epochs"], "milestones": per_seed[0].get("milestones"),
+                # global-threshold methods can give each seed its own width, hence its own Scratch-B budget
+                "epochs": sorted({m["max_epochs"] for m in per_seed}),
+                "milestones": per_seed[0].get("milestones"),
                 "macs": per_seed[0].get("macs"), "params": per_seed[0].get("params"),
                 "wall_time_s": statistics.fmean(m["wall_time_s"] for m in per_seed),
                 "paper": (exp.get("paper") or {}).get(v["name"], {}).get(row),
@@ -410,9 +412,10 @@ def write_results(exp: dict[str, Any], out: Path, results: dict[str, Any]) -> No
         lines += ["| | accuracy | n | epochs | wall time / seed | paper |", "|---|---|---|---|---|---|"]
         for row, r in v["rows"].items():
             budget = exp["regimes"].get(row, {}).get("budget")
-            ms = f" (LR steps {r['milestones']})" if budget == "compute" and r.get("milestones") else ""
+            ms = f" (LR steps {r['milestones']})" if budget == "compute" and len(r["epochs"]) == 1 and r.get(
+                "milestones") else ""
             lines.append(f"| {LABELS.get(row, row)} | {r['acc1_mean']:.2f} ± {r['acc1_std']:.2f} | {r['n']} | "
-                         f"{r['epochs']}{ms} | {r['wall_time_s']:.0f} s | {r['paper'] or ''} |")
+                         f"{'/'.join(map(str, r['epochs']))}{ms} | {r['wall_time_s']:.0f} s | {r['paper'] or ''} |")
         lines.append("")
     (out / ".results.md.tmp").write_text("\n".join(lines))
     (out / ".results.md.tmp").replace(out / "results.md")

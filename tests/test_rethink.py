@@ -189,7 +189,7 @@ def test_results_json_matches_the_stage_metrics(tiny_run) -> None:
         assert r["acc1_mean"] == pytest.approx(statistics.fmean(r["acc1"]))
         assert r["acc1_std"] == pytest.approx(statistics.stdev(r["acc1"]))
         assert r["n"] == 2
-        assert r["epochs"] == per_seed[0]["max_epochs"]
+        assert r["epochs"] == sorted({m["max_epochs"] for m in per_seed})
         assert r["macs"] == per_seed[0]["macs"]
         assert r["wall_time_s"] == pytest.approx(statistics.fmean(m["wall_time_s"] for m in per_seed))
     flops = load_artifact(out / "seed0" / "l1" / "prune" / "pruned.pt")["flops"]

@@ -127,7 +127,8 @@ class MagnitudePruning(PruningCallback):
         """Cumulative target after ``epoch`` (0-based) in gradual mode, or None when no pruning is due.
 
         Zhu & Gupta's cubic ramp: ``amount * (1 - (1 - t)^3)`` with ``t`` the fraction of the pruning
-        window done, reaching ``amount`` at ``end_epoch``.
+        window done, reaching ``amount`` at ``end_epoch``. The target is 0 at ``start_epoch`` itself, so
+        the first weights go at the end of epoch ``start_epoch + frequency``.
         """
         if self.start_epoch is None or not self.start_epoch <= epoch <= self.end_epoch:
             return None
@@ -150,9 +151,11 @@ class MagnitudePruning(PruningCallback):
     def compute_masks(self, model: nn.Module, target: float) -> Masks:
         """Masks removing ``target`` of the prunable weights (or of the non-zero ones when ``relative``).
 
-        The paper's rule: ``thr = sorted(|w|)[k]`` and a weight survives iff ``|w| > thr``, so ties at the
-        threshold are pruned and slightly more than ``target`` may go. Weights already masked (zero)
-        are the smallest and stay pruned: the schedule's sparsity is cumulative.
+        The paper's rule: a weight survives iff ``|w| > thr``, so ties at the threshold are pruned and
+        slightly more than ``target`` may go. ``thr`` is the k-th smallest magnitude, ``k = int(N * target)``,
+        so exactly k weights go when magnitudes are distinct (the reference takes ``sorted(|w|)[k]``, one
+        further, and removes k + 1). Weights already masked (zero) are the smallest and stay pruned: the
+        schedule's sparsity is cumulative.
         """
         params = self.prunable(model)
         groups = [params] if self.scope == "global" else [{k: v} for k, v in params.items()]
@@ -164,7 +167,9 @@ class MagnitudePruning(PruningCallback):
                 k = zeros + int((flat.numel() - zeros) * target)
             else:
                 k = int(flat.numel() * target)
-            thr = torch.sort(flat).values[min(k, flat.numel() - 1)] if k > 0 else torch.tensor(-1.0)
+            # sorted[k - 1], the k-th smallest: the reference's sorted[k] removes k + 1 weights (and with
+            # k = 0 pruning nothing, the count would jump from 0 to 2 between k = 0 and k = 1)
+            thr = torch.sort(flat).values[min(k, flat.numel()) - 1] if k > 0 else torch.tensor(-1.0)
             for name, w in group.items():
                 masks[name] = (w.detach().abs().float() > thr).cpu()
         for name, m in masks.items():

@@ -148,6 +148,7 @@ class ImageClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.masks = dict(checkpoint.get("lit_prune_masks", {}))
+        self.init_state = checkpoint.get("lit_prune_init_state", self.init_state)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
@@ -219,6 +220,8 @@ class ImageClassifier(pl.LightningModule):
                 hp["source_artifact"], hp["artifact"] = hp["artifact"], None
         if self.masks:
             checkpoint["lit_prune_masks"] = {k: v.cpu() for k, v in self.masks.items()}
+        if self.init_state is not None:  # theta_0 of a lottery ticket travels with its retrained model
+            checkpoint["lit_prune_init_state"] = {k: v.cpu() for k, v in self.init_state.items()}
 
 
 def _classifier_width(model: nn.Module) -> int | None:

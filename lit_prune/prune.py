@@ -83,6 +83,8 @@ def load_source(
 
         inits = [s["init_state"] for s in obj.get("callbacks", {}).values()
                  if isinstance(s, dict) and s.get("init_state") is not None]
+        if obj.get("lit_prune_init_state") is not None:  # a retrained lottery ticket's own checkpoint
+            inits.append(obj["lit_prune_init_state"])
         return ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").model, (inits or [None])[0]
     if arch is None or weights is None:
         raise ValueError("give --checkpoint, or --arch with --weights (a state dict, e.g. torchvision's)")

@@ -9,7 +9,10 @@ import torch
 
 from lit_prune import flops, prune
 from lit_prune.artifact import load_artifact
-from lit_prune.models import create_model
+from lit_prune.core.budget import scratch_b_budget
+from lit_prune.core.flops import count_flops
+from lit_prune.models import architecture, create_model, get_width_config
+from lit_prune.module import ImageClassifier
 
 
 def test_flops_json_reports_macs_and_params(capsys):
@@ -72,4 +75,51 @@ def test_prune_cli_refuses_bad_input(tmp_path, capsys):
     assert prune.main(["--arch", "cifar_resnet56", "--weights", str(weights), "--config", str(bad),
                        "--out", str(tmp_path / "x.pt")]) == 2
     assert "cannot import 'callbacks.NoSuchMethod'" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_prune_cli_writes_predefined_architecture(tmp_path, capsys):
+    # ResNet-56-B as an architecture-only artifact: fresh init, dense FLOPs of the default cfg, Scratch-B ready
+    out = tmp_path / "r56b.pt"
+    argv = ["--arch", "cifar_resnet56", "--width-config", "B", "--num-classes", "10", "--out", str(out)]
+    assert prune.main(argv) == 0
+    art = load_artifact(out)
+    assert art["architecture"] == {"name": "cifar_resnet56",
+                                   "kwargs": {"num_classes": 10, "cfg": get_width_config("cifar_resnet56", "B")}}
+    assert art["provenance"]["method"] == "predefined" and art["provenance"]["source"] is None
+    assert art["provenance"]["settings"]["width_config"] == "B"
+    assert "none inherited" in art["provenance"]["settings"]["weights"]
+    assert art["flops"]["dense"]["macs"] == count_flops(create_model("cifar_resnet56", num_classes=10)).macs
+    assert art["flops"]["ratio"] == pytest.approx(1.3791, rel=1e-3)
+    assert scratch_b_budget(160, art["flops"]["ratio"]).epochs == 220  # paper-spec 1.3
+    assert "ratio 1.380" in capsys.readouterr().out
+    # the Scratch-E/B path: a fresh model of that architecture
+    module = ImageClassifier(artifact=str(out), regime="scratch", num_classes=10)
+    assert architecture(module.model) == art["architecture"]
+    assert not torch.equal(module.model.conv1.weight, art["state_dict"]["conv1.weight"])
+
+
+@pytest.mark.slow
+def test_prune_cli_writes_thinet70(tmp_path):
+    out = tmp_path / "thinet70.pt"
+    assert prune.main(["--arch", "resnet50", "--width-config", "thinet70", "--out", str(out)]) == 0
+    art = load_artifact(out)
+    assert art["architecture"]["kwargs"]["cfg"] == get_width_config("resnet50", "thinet70")
+    budget = scratch_b_budget(90, art["flops"]["ratio"], rule="thirds", cap=2.0)
+    assert (budget.epochs, budget.milestones) == (141, [47, 94])  # paper-spec 1.3: 141 epochs, step 47
+
+
+def test_prune_cli_width_config_errors(tmp_path, capsys):
+    method = _method(tmp_path, "class_path: callbacks.L1FilterPruning\ninit_args: {target: B}\n")
+    out = str(tmp_path / "x.pt")
+    for argv in (["--arch", "cifar_resnet56", "--out", out],  # neither --config nor --width-config
+                 ["--arch", "cifar_resnet56", "--width-config", "B", "--config", str(method), "--out", out],
+                 ["--width-config", "B", "--out", out],  # no --arch
+                 ["--arch", "cifar_resnet56", "--width-config", "B", "--weights", "w.pth", "--out", out]):
+        with pytest.raises(SystemExit) as exc:
+            prune.main(argv)
+        assert exc.value.code == 2
+    assert "exactly one of --config" in capsys.readouterr().err
+    assert prune.main(["--arch", "cifar_resnet56", "--width-config", "Z", "--out", out]) == 2
+    assert "no width config named 'Z' (known: A, B)" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()

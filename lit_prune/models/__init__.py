@@ -5,12 +5,13 @@
 """
 
 # importing a family module registers its models and named width configs
-from lit_prune.models import cifar_resnet, densenet, imagenet_resnet, preresnet, vgg  # noqa: F401
+from lit_prune.models import cifar_resnet, densenet, imagenet_resnet, preact_resnet, preresnet, vgg  # noqa: F401
 from lit_prune.models.base import ChannelSelection, ZooModel
 from lit_prune.models.registry import (
     architecture,
     create_model,
     get_width_config,
+    get_width_config_kwargs,
     list_models,
     list_width_configs,
     register_model,
@@ -23,6 +24,7 @@ __all__ = [
     "architecture",
     "create_model",
     "get_width_config",
+    "get_width_config_kwargs",
     "list_models",
     "list_width_configs",
     "register_model",

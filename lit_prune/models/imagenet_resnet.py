@@ -31,11 +31,23 @@ Optional, for He et al.'s ResNet-50-2x (paper-spec 2.7):
   input), or None for a block that reads all of them. ``select=None`` (the default) adds no
   selection layers at all, which keeps torchvision's state-dict keys.
 * ``downsample_bias=True``: the shortcut's 1x1 conv has a bias, as in the reference ResNet-50 code.
+
+Named width configs (the paper's predefined pruned architectures):
+
+* ``resnet34``: ``"A"``, ``"B"`` (L1-norm pruning, paper-spec 3.4).
+* ``resnet50``: ``"thinet30"``, ``"thinet50"``, ``"thinet70"`` (ThiNet, paper-spec 2.7 and 4: conv1 and conv2
+  of every block keep 19/38/76/153, 32/64/128/256 or 44/89/179/358 channels in stages 1-4) and ``"2x"`` (He
+  et al.'s ResNet-50-2x, paper-spec 2.7 and 5: ``cfg_2x`` plus the 16 channel selections shipped as
+  ``lit_prune/data/resnet50_2x_channel_selection.json``). All four carry ``downsample_bias=True``, as the
+  reference ``thinetresnet.py`` / ``resnet_2x.py`` do (a bias in front of a BN: no effect on MACs or
+  accuracy, but the state-dict keys are those of the reference models).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import torch
@@ -393,3 +405,33 @@ def bearpaw_resnet50(cfg: Sequence[int] | None = None, num_classes: int = 10) ->
 # The paper's L1-norm targets (paper-spec 3.4): first-conv widths per block.
 register_width_config("resnet34", "A", [64, 44, 44, 128, 89, 89, 128, 256] + [179] * 4 + [256, 512, 512, 512])
 register_width_config("resnet34", "B", [64, 32, 32, 128, 51, 51, 128, 256] + [153] * 4 + [256, 512, 512, 512])
+
+
+# ThiNet ResNet-50s (paper-spec 2.7): int(keep * planes) channels for conv1 and conv2 of every block of a stage.
+_THINET_KEEPS = {"thinet30": (19, 38, 76, 153), "thinet50": (32, 64, 128, 256), "thinet70": (44, 89, 179, 358)}
+for _name, _keeps in _THINET_KEEPS.items():
+    register_width_config(
+        "resnet50", _name, [[k, k] for k, n in zip(_keeps, _IMAGENET_LAYOUTS[50][1], strict=True) for _ in range(n)],
+        downsample_bias=True,
+    )
+
+# He et al.'s ResNet-50-2x (paper-spec 2.7): the reference's cfg_2x triples [block input, conv1, conv2] with the
+# informational first element dropped (it equals the number of channels the block's selection keeps).
+_RESNET50_2X_CFG = [
+    [64, 55], [51, 39], [50, 37], [128, 106], [105, 72], [105, 72], [128, 110], [256, 225],
+    [209, 147], [204, 158], [212, 155], [211, 148], [256, 213], [512, 433], [512, 437], [512, 440],
+]  # fmt: skip
+
+
+def resnet50_2x_selection() -> list[list[int]]:
+    """The 16 block-input channel selections of ResNet-50-2x (package data, from the reference's filter.pkl).
+
+    Returns:
+        One strictly increasing index list per Bottleneck, in block order; their lengths are 35, 101, 97,
+        144, 205, 198, 288, 278, 418, 407, 423, 412, 595, 606, 1222, 1147.
+    """
+    text = resources.files("lit_prune").joinpath("data/resnet50_2x_channel_selection.json").read_text()
+    return [block["kept"] for block in json.loads(text)["blocks"]]
+
+
+register_width_config("resnet50", "2x", _RESNET50_2X_CFG, select=resnet50_2x_selection(), downsample_bias=True)

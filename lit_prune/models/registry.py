@@ -4,6 +4,11 @@ A *width config* (``cfg``) is plain data (lists of ints, the string ``"M"`` for 
 nested lists of channel indices) that fully describes one architecture of a family. The paper's
 pruned models are nothing but named width configs registered next to their family, e.g.
 ``create_model("cifar_resnet56", cfg="A")`` builds ResNet-56-A.
+
+A named width config may carry other constructor arguments besides ``cfg`` when the architecture needs
+them: ResNet-50-2x is ``register_width_config("resnet50", "2x", cfg, select=[...], downsample_bias=True)``.
+``create_model(name, cfg="2x")`` then passes those arguments too (arguments given to ``create_model``
+explicitly win), and :func:`get_width_config_kwargs` returns all of them.
 """
 
 from __future__ import annotations
@@ -31,13 +36,28 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return wrap
 
 
-def register_width_config(model: str, name: str, cfg: Any) -> None:
-    """Register a named width config (e.g. the paper's ``"A"``) of a registered model."""
+def register_width_config(model: str, name: str, cfg: Any, **extra_kwargs: Any) -> None:
+    """Register a named width config (e.g. the paper's ``"A"``) of a registered model.
+
+    Args:
+        model: a registered model name.
+        name: the config's name, unique per model.
+        cfg: the family's width config (plain data).
+        **extra_kwargs: other constructor arguments this architecture needs (plain data), e.g. the
+            channel selections of ResNet-50-2x; :func:`create_model` passes them along with ``cfg``.
+
+    Raises:
+        KeyError: unknown model.
+        ValueError: the name is taken, or ``extra_kwargs`` contains ``cfg``.
+    """
     if model not in _MODELS:
         raise KeyError(f"unknown model {model!r}; register the model before its width configs")
     if name in _WIDTH_CONFIGS[model]:
         raise ValueError(f"width config {name!r} of {model!r} is already registered")
-    _WIDTH_CONFIGS[model][name] = cfg
+    if "cfg" in extra_kwargs:
+        raise ValueError("give cfg once, as the third argument; extra_kwargs are the other constructor arguments")
+    # stored as the constructor kwargs the name stands for
+    _WIDTH_CONFIGS[model][name] = {"cfg": cfg, **extra_kwargs}
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -54,9 +74,15 @@ def list_width_configs(model: str | None = None) -> dict[str, list[str]]:
 
 
 def get_width_config(model: str, name: str) -> Any:
+    """The ``cfg`` of a named width config (without its extra constructor arguments)."""
+    return get_width_config_kwargs(model, name)["cfg"]
+
+
+def get_width_config_kwargs(model: str, name: str) -> dict[str, Any]:
+    """All constructor arguments a named width config stands for: ``{"cfg": ..., **extra_kwargs}`` (a copy)."""
     _check_name(model)
     try:
-        return _WIDTH_CONFIGS[model][name]
+        return dict(_WIDTH_CONFIGS[model][name])
     except KeyError:
         known = ", ".join(sorted(_WIDTH_CONFIGS[model])) or "none"
         raise KeyError(f"model {model!r} has no width config named {name!r} (known: {known})") from None
@@ -67,9 +93,9 @@ def create_model(name: str, *, cfg: Any = None, **kwargs: Any) -> nn.Module:
 
     Args:
         name: registry name, see :func:`list_models`.
-        cfg: the family's width config, or the name of a registered one (e.g. ``"A"``), or None for
-            the unpruned default.
-        **kwargs: other constructor arguments (``num_classes``, ...).
+        cfg: the family's width config, or the name of a registered one (e.g. ``"A"``, which also
+            brings that config's extra constructor arguments), or None for the unpruned default.
+        **kwargs: other constructor arguments (``num_classes``, ...); they win over a named config's.
 
     Returns:
         The model. Zoo models remember ``name`` and ``kwargs`` so that :func:`architecture` can
@@ -77,7 +103,9 @@ def create_model(name: str, *, cfg: Any = None, **kwargs: Any) -> nn.Module:
     """
     _check_name(name)
     if isinstance(cfg, str):
-        cfg = get_width_config(name, cfg)
+        named = get_width_config_kwargs(name, cfg)
+        cfg = named.pop("cfg")
+        kwargs = {**named, **kwargs}
     model = _MODELS[name](cfg=cfg, **kwargs)
     model.zoo_name = name
     model.zoo_kwargs = dict(kwargs)

@@ -112,6 +112,9 @@ class ImageClassifier(pl.LightningModule):
         if arch is not None and arch != name:
             raise ValueError(f"arch is {arch!r} but the artifact {path} holds a {name!r}; drop arch or give "
                              "the artifact pruned from that model")
+        if regime == "finetune" and art["provenance"]["method"] == "predefined":
+            raise ValueError(f"{path} is an architecture-only artifact (a predefined width config, no trained "
+                             "weights): train it with regime scratch; there is nothing to fine-tune")
         model = build_model(art, weights=regime == "finetune")
         # An artifact of a model built without num_classes has the builder's default, not the data's count.
         classes = kwargs.get("num_classes", _classifier_width(model))

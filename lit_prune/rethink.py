@@ -28,11 +28,15 @@ Experiment config (YAML)::
     variants:
       - name: B
         method: configs/methods/l1_resnet56_b.yaml      # one-shot pruning of the large model's last checkpoint
-        from_training: null                # or: the artifact file its training callback wrote (SFP)
+        # or   from_training: sfp-masked.pt            the artifact file its training callback wrote (SFP)
+        # or   width_config: thinet70                  a predefined architecture of the base model (Scratch only;
+        #      arch: vgg16_gap                         optionally of another zoo model)
+        # with source: {variant: A, regime: rewind}    prune an earlier variant's retrained model (lottery rounds)
     regimes:                               # any subset; arguments are appended to the stage's command
       finetune: {args: [--model.lr=0.001, --model.schedule=constant, --trainer.max_epochs=40]}
       scratch_e: {args: []}
-      scratch_b: {rule: fractions, cap: null, args: []}
+      scratch_b: {rule: fractions, cap: null, args: []}    # rules: fractions, thirds, scale, multiples
+      # more regimes: NAME: {regime: finetune | scratch | rewind, budget: same | compute, args: [...]}
     paper:                                 # optional: numbers printed beside ours, per variant
       B: {unpruned: "93.14 +-0.12 [RW]", scratch_b: "93.05 +-0.18 [RW]"}
 """
@@ -118,8 +122,14 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
             if src.get("variant") not in earlier or src.get("regime") not in regimes:
                 raise ExperimentError(f"{path}: variant {v['name']!r}: source must name an earlier variant "
                                       f"({earlier}) and a regime ({list(regimes)}), got {src}")
-        if not v.get("method") and not v.get("from_training"):
-            raise ExperimentError(f"{path}: variant {v['name']!r} needs 'method' (a method config) or 'from_training'")
+        if sum(bool(v.get(k)) for k in ("method", "from_training", "width_config")) != 1:
+            raise ExperimentError(f"{path}: variant {v['name']!r} needs one of 'method' (a method config), "
+                                  "'from_training' (an artifact its large run writes) or 'width_config' (a predefined "
+                                  "architecture of the base model)")
+        if v.get("width_config") and "finetune" in regimes:
+            raise ExperimentError(f"{path}: variant {v['name']!r} is a predefined architecture without trained "
+                                  "weights: drop the finetune regime (the paper's Fine-tuned column came from the "
+                                  "original authors' released models)")
         if v.get("method") and not Path(v["method"]).is_file():
             raise ExperimentError(f"{path}: variant {v['name']!r}: method config {v['method']} does not exist")
     ck = exp["large"].get("checkpoint")
@@ -205,6 +215,8 @@ class Protocol:
         self.exp, self.out, self.python = exp, out, python
         self.hash = config_hash(exp)
         self.epochs = base_epochs(exp)
+        model_cfg = (yaml.safe_load(Path(exp["base"]).read_text()) or {}).get("model") or {}
+        self.arch = model_cfg.get("arch")
 
     # -- commands
     def _stage_cmd(self, st: Stage, extra: list[str]) -> list[str]:
@@ -243,6 +255,9 @@ class Protocol:
                 prune = Stage(seed, v["name"], "prune", vdir / "prune")
                 if v.get("from_training"):
                     prune.note = f"artifact {v['from_training']} written by the large run's callback"
+                elif v.get("width_config"):  # a predefined architecture: nothing is pruned, only built
+                    prune.command = [self.python, "-m", "lit_prune.prune", f"--arch={v.get('arch', self.arch)}",
+                                     f"--width-config={v['width_config']}", f"--out={artifact}"]
                 else:
                     src = v.get("source")  # iterative pruning: prune the retrained model of an earlier variant
                     source = ([f"--checkpoint={root / src['variant'] / src['regime'] / 'model.pt'}"] if src
@@ -251,9 +266,13 @@ class Protocol:
                                      f"--out={artifact}"]
                 stages.append(prune)
                 art = [f"--model.artifact={artifact}"]
-                pruned = Stage(seed, v["name"], "pruned", vdir / "pruned", epochs=0)
-                pruned.command = self._stage_cmd(pruned, [*art, "--model.regime=finetune", "--trainer.max_epochs=0"])
-                stages.append(pruned)
+                if v.get("arch"):  # another model than the base config's (ThiNet-GAP next to VGG-16)
+                    art.append(f"--model.arch={v['arch']}")
+                if not v.get("width_config"):  # a predefined architecture has no pruned weights to test
+                    pruned = Stage(seed, v["name"], "pruned", vdir / "pruned", epochs=0)
+                    pruned.command = self._stage_cmd(pruned, [*art, "--model.regime=finetune",
+                                                              "--trainer.max_epochs=0"])
+                    stages.append(pruned)
                 for key, cfg in regimes.items():
                     st = Stage(seed, v["name"], key, vdir / key)
                     extra = [*art, f"--model.regime={cfg['regime']}", *map(str, cfg.get("args", []))]

@@ -95,7 +95,8 @@ def test_every_experiment_config_loads_and_dry_runs(path: Path, tmp_path: Path, 
     stages = protocol.plan()
     assert protocol.run(dry_run=True) == {}
     printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
-    assert len(printed) == len(stages) == len(exp["seeds"]) * (1 + len(exp["variants"]) * (2 + len(exp["regimes"])))
+    per_variant = [2 + len(exp["regimes"]) - bool(v.get("width_config")) for v in exp["variants"]]  # no "pruned"
+    assert len(printed) == len(stages) == len(exp["seeds"]) * (1 + sum(per_variant))
     for line, st in zip(printed, stages, strict=True):
         assert line.startswith(f"[{stages.index(st) + 1}/{len(stages)}] {st.label}")
         if st.kind != "prune":  # every training or test stage states its epochs (or how Scratch-B gets them)
@@ -123,6 +124,22 @@ def test_quickstart_plan_has_every_stage_per_seed(monkeypatch) -> None:
         assert ("--model.regime=finetune" if kind in ("pruned", "finetune") else "--model.regime=scratch") in st.command
         assert f"--seed_everything={st.seed}" in st.command
         assert st.command[1:3] == ["-m", "lit_prune.stage"]
+
+
+def test_predefined_architectures_plan_scratch_runs_only(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(REPO)
+    exp = load_experiment("configs/experiments/thinet_vgg16.yaml")
+    stages = Protocol(exp, tmp_path / "out").plan()
+    assert {s.kind for s in stages} == {"large", "prune", "scratch_e", "scratch_b"}  # nothing pruned to test
+    gap = next(s for s in stages if s.variant == "thinet_gap" and s.kind == "prune")
+    assert "--arch=vgg16_gap" in gap.command and "--width-config=thinet_gap" in gap.command
+    scratch = next(s for s in stages if s.variant == "thinet_gap" and s.kind == "scratch_e")
+    assert "--model.arch=vgg16_gap" in scratch.command
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/experiments/thinet_vgg16.yaml").read_text()),
+                                   "regimes": {"finetune": {}, "scratch_e": {}}}))
+    with pytest.raises(ExperimentError, match="drop the finetune regime"):
+        load_experiment(bad)
 
 
 # ---- a whole tiny experiment, stages in-process ---------------------------------------------------

@@ -7,7 +7,9 @@ stretched by r and so are the LR changes:
   (VGG-16-A: r = 1.519 -> 243 epochs, milestones 121/182);
 * ``"thirds"`` (ImageNet): ``E = int(base * r)`` with a step every ``E // 3`` epochs, and with the
   paper's cap (2.0): when r >= cap, ``E = int(base * cap)`` (90 -> 180 epochs, step 60);
-* ``"scale"``: every given milestone multiplied by r (SFP's ``1, 60, 120, 160`` schedule), first kept.
+* ``"scale"``: every given milestone multiplied by r (SFP's ``1, 60, 120, 160`` schedule), first kept;
+* ``"multiples"``: a step of ``int(first milestone * r)`` epochs, the milestones its multiples (SSS:
+  ``30, 60, 90`` -> ``35, 70, 105`` for ResNet-41, r = 1.18).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-RULES = ("fractions", "thirds", "scale")
+RULES = ("fractions", "thirds", "scale", "multiples")
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,9 @@ def scratch_b_budget(
     Args:
         base_epochs: epochs of the large model (Scratch-E's budget), e.g. 160 on CIFAR, 90 on ImageNet.
         ratio: ``FLOPs(large) / FLOPs(pruned)``; must be >= 1 up to rounding (a pruned model is not larger).
-        rule: ``"fractions"``, ``"thirds"`` or ``"scale"`` (see the module docstring).
+        rule: ``"fractions"``, ``"thirds"``, ``"scale"`` or ``"multiples"`` (see the module docstring).
         cap: largest stretch (the paper's 2.0 on ImageNet); None for no cap.
-        base_milestones: the large model's milestones, for ``"scale"``.
+        base_milestones: the large model's milestones, for ``"scale"`` and ``"multiples"``.
 
     Raises:
         ValueError: a cap below 1, a ratio below 1, an unknown rule, or ``"scale"`` without milestones.
@@ -76,6 +78,14 @@ def scratch_b_budget(
         milestones = list(range(step, epochs, step))
     else:
         if not base_milestones:
-            raise ValueError("the 'scale' rule needs base_milestones (the large model's LR milestones)")
-        milestones = [int(base_milestones[0])] + [int(m * factor) for m in base_milestones[1:]]
+            raise ValueError(f"the {rule!r} rule needs base_milestones (the large model's LR milestones)")
+        if rule == "scale":
+            milestones = [int(base_milestones[0])] + [int(m * factor) for m in base_milestones[1:]]
+        else:
+            first = int(base_milestones[0])
+            if any(m % first for m in base_milestones):
+                raise ValueError(f"the 'multiples' rule needs milestones that are multiples of the first, got "
+                                 f"{list(base_milestones)}")
+            step = int(first * factor)
+            milestones = [step * (int(m) // first) for m in base_milestones]
     return ScratchBudget(epochs, milestones, float(ratio), float(factor))

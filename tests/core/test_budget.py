@@ -148,3 +148,13 @@ def test_bad_arguments_are_refused(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         scratch_b_budget(kwargs.pop("base_epochs"), kwargs.pop("ratio"), **kwargs)
 
+
+
+@pytest.mark.parametrize(("ratio", "epochs", "milestones"), [
+    (1.1775, 117, [35, 70, 105]), (1.4513, 145, [43, 86, 129]), (1.7951, 179, [53, 106, 159])])
+def test_multiples_rule_gives_the_sss_schedules(ratio, epochs, milestones):
+    # paper-spec 1.3: SSS ResNet-41/32/26 from the 100-epoch schedule with steps at 30/60/90
+    budget = scratch_b_budget(100, ratio, rule="multiples", base_milestones=[30, 60, 90])
+    assert (budget.epochs, budget.milestones) == (epochs, milestones)
+    with pytest.raises(ValueError, match="multiples of the first"):
+        scratch_b_budget(100, ratio, rule="multiples", base_milestones=[30, 45])

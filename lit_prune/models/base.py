@@ -65,3 +65,39 @@ class ChannelSelection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.indices.numel()}/{self.num_channels}"
+
+
+def check_select(
+    select: Sequence[Sequence[int] | None] | None,
+    widths: list[int],
+    channel_selection: bool,
+    name: str,
+    points: str,
+) -> list[list[int] | None]:
+    """Validate a ``select`` argument (one index list or None per selection point) against the widths of
+    the streams it selects from; returns one entry per point, None meaning every channel.
+
+    Args:
+        points: what the selection points are, for the error message (e.g. "one per block, then the final one").
+    """
+    if select is None:
+        return [None] * len(widths)
+    if not channel_selection:
+        raise ValueError(f"{name} was built without channel selection, so select must be None")
+    select = list(select)
+    if len(select) != len(widths):
+        raise ValueError(
+            f"{name} has {len(widths)} channel selections ({points}), so select needs {len(widths)} entries "
+            f"(None = keep all), got {len(select)}"
+        )
+    out: list[list[int] | None] = []
+    for i, (idx, c) in enumerate(zip(select, widths, strict=True)):
+        if idx is None:
+            out.append(None)
+            continue
+        idx = list(idx)
+        ok = all(not isinstance(j, bool) and isinstance(j, int) and 0 <= j < c for j in idx)
+        if not ok or any(a >= b for a, b in zip(idx, idx[1:], strict=False)):
+            raise ValueError(f"{name}: select[{i}] must be strictly increasing channel indices in [0, {c}), got {idx}")
+        out.append(idx)
+    return out

@@ -58,7 +58,7 @@ from torch import nn
 
 from lit_prune.core import init
 from lit_prune.core.groups import ChannelGroup
-from lit_prune.models.base import ChannelSelection, ZooModel
+from lit_prune.models.base import ChannelSelection, ZooModel, check_select
 from lit_prune.models.registry import register_model
 
 
@@ -191,7 +191,8 @@ class DenseNet(ZooModel):
                     else ""
                 )
             )
-        select = _check_select(select, streams, channel_selection, name)
+        select = check_select(select, streams, channel_selection, name,
+                              "one per dense layer and transition, then the final one")
         for i, (c, k) in enumerate(zip(streams, starts, strict=True)):
             kept = c if select[i] is None else len(select[i])
             if cfg[k] != kept:
@@ -303,35 +304,6 @@ def _stream_widths(n: int, growth: int, compression: float) -> list[int]:
         if b < 2:
             c = int(math.floor(compression * c))
     return widths
-
-
-def _check_select(
-    select: Sequence[Sequence[int] | None] | None, streams: list[int], channel_selection: bool, name: str
-) -> list[list[int] | None]:
-    """Validate ``select`` against the stream widths; returns one entry (None = all) per position."""
-    if select is None:
-        return [None] * len(streams)
-    if not channel_selection:
-        raise ValueError(f"{name} was built without channel selection, so select must be None")
-    select = list(select)
-    if len(select) != len(streams):
-        raise ValueError(
-            f"{name} has {len(streams)} channel selections (one per dense layer and transition, then the "
-            f"final one), so select needs {len(streams)} entries (None = keep all), got {len(select)}"
-        )
-    out: list[list[int] | None] = []
-    for i, (idx, c) in enumerate(zip(select, streams, strict=True)):
-        if idx is None:
-            out.append(None)
-            continue
-        idx = list(idx)
-        ok = all(not isinstance(j, bool) and isinstance(j, int) and 0 <= j < c for j in idx)
-        if not ok or any(a >= b for a, b in zip(idx, idx[1:], strict=False)):
-            raise ValueError(
-                f"{name}: select[{i}] must be strictly increasing channel indices in [0, {c}), got {idx}"
-            )
-        out.append(idx)
-    return out
 
 
 @register_model("slim_densenet")

@@ -52,7 +52,7 @@ from torch import nn
 
 from lit_prune.core import init
 from lit_prune.core.groups import ChannelGroup
-from lit_prune.models.base import ChannelSelection, ZooModel
+from lit_prune.models.base import ChannelSelection, ZooModel, check_select
 from lit_prune.models.registry import register_model
 
 _STAGE_PLANES = (16, 32, 64)
@@ -160,7 +160,8 @@ class PreResNet(ZooModel):
             )
         if cfg[-1] == 0:
             raise ValueError(f"{name}: the classifier must read at least one channel (cfg[-1] is 0)")
-        select = _check_select(select, stream_in, channel_selection, name)
+        select = check_select(select, stream_in, channel_selection, name,
+                              "one per block after its BN1, then the final one")
         for i, c in enumerate(stream_in):
             k = 3 * i if i < 3 * n else 9 * n  # the cfg entry that counts the channels read at point i
             if i < 3 * n and 0 in cfg[k : k + 3]:
@@ -279,35 +280,6 @@ def _stream_inputs(n: int) -> list[int]:
     """Width of the stream at each of the 3n + 1 selection points (block inputs, then the final BN)."""
     cfg = _default_cfg(n)
     return cfg[0:-1:3] + cfg[-1:]
-
-
-def _check_select(
-    select: Sequence[Sequence[int] | None] | None, stream_in: list[int], channel_selection: bool, name: str
-) -> list[list[int] | None]:
-    """Validate ``select`` against the stream widths; returns one entry (None = all) per selection point."""
-    if select is None:
-        return [None] * len(stream_in)
-    if not channel_selection:
-        raise ValueError(f"{name} was built without channel selection, so select must be None")
-    select = list(select)
-    if len(select) != len(stream_in):
-        raise ValueError(
-            f"{name} has {len(stream_in)} channel selections (one per block after its BN1, then the final "
-            f"one), so select needs {len(stream_in)} entries (None = keep all), got {len(select)}"
-        )
-    out: list[list[int] | None] = []
-    for i, (idx, c) in enumerate(zip(select, stream_in, strict=True)):
-        if idx is None:
-            out.append(None)
-            continue
-        idx = list(idx)
-        ok = all(not isinstance(j, bool) and isinstance(j, int) and 0 <= j < c for j in idx)
-        if not ok or any(a >= b for a, b in zip(idx, idx[1:], strict=False)):
-            raise ValueError(
-                f"{name}: select[{i}] must be strictly increasing channel indices in [0, {c}), got {idx}"
-            )
-        out.append(idx)
-    return out
 
 
 def _slim(

@@ -232,18 +232,26 @@ class PruningCallback(pl.Callback):
             "prune/params_dense": f["dense"]["params"], "prune/params_pruned": f["pruned"]["params"],
             "prune/flops_ratio": f["ratio"],
         }
-        kept = sum(int(k.sum()) for k in keeps.values())
-        total = sum(k.numel() for k in keeps.values())
-        if total:
-            metrics["prune/channel_sparsity"] = 1 - kept / total
-            metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
+        extra, what = self.export_summary(keeps, art)
+        metrics.update(extra)
         if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        what = f"{kept}/{total} channels kept" if total else f"{len(art['masks'])} masked tensors"
         rank_zero_info(
-            f"pruned: {f['pruned']['macs']:,} / {f['dense']['macs']:,} MACs (ratio {f['ratio']:.3f}), "
-            f"{f['pruned']['params']:,} / {f['dense']['params']:,} params, {what}"
+            f"{what}: {f['pruned']['macs']:,} / {f['dense']['macs']:,} MACs (ratio {f['ratio']:.3f}), "
+            f"{f['pruned']['params']:,} / {f['dense']['params']:,} params"
         )
+
+    def export_summary(
+        self, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]
+    ) -> tuple[dict[str, float], str]:
+        """Method-specific metrics and a one-line description of what the export removed."""
+        kept = sum(int(k.sum()) for k in keeps.values())
+        total = sum(k.numel() for k in keeps.values())
+        if not total:
+            return {}, f"pruned ({len(art['masks'])} masked tensors)"
+        metrics = {"prune/channel_sparsity": 1 - kept / total}
+        metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
+        return metrics, f"pruned ({kept}/{total} channels kept)"
 
     def log_mask_sparsity(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
         if trainer is not None and trainer.logger is not None and trainer.is_global_zero and self.masks:

@@ -23,6 +23,8 @@ from lit_prune.models import architecture, create_model
 log = logging.getLogger(__name__)
 
 REGIMES = ("finetune", "scratch", "rewind")
+#: parameter attribute: ``"callback"`` keeps the parameter out of :meth:`ImageClassifier.configure_optimizers`
+OPTIMIZER_MARK = "lit_prune_optimizer"
 
 
 class ImageClassifier(pl.LightningModule):
@@ -180,8 +182,11 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        # A callback that updates some parameters itself marks them (``lit_prune_optimizer = "callback"``, e.g.
+        # SSS's block factors, which get a proximal step and no weight decay): SGD leaves them alone.
+        params = [p for p in self.parameters() if getattr(p, OPTIMIZER_MARK, None) != "callback"]
         optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
+            params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
         )
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps = milestones_for(hp.schedule, max_epochs, hp.milestones, hp.step_size)

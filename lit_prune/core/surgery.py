@@ -114,3 +114,6 @@ def prune_groups(model: nn.Module, keeps: Mapping[str, torch.Tensor]) -> None:
         if not gone.isdisjoint(groups[name].branch):
             prune_group(model, groups[name], keeps[name])
             gone.difference_update(groups[name].branch)
+    compact = getattr(model, "compact_blocks", None)
+    if vanishing and callable(compact):  # models whose block names must stay contiguous renumber them
+        compact()

@@ -10,6 +10,10 @@ Two parameter-free shortcuts, used where a stage halves the resolution and doubl
   reference code the gradient flows through it; ``detach_shortcut=True`` reproduces the reference
   (paper-spec 12.1).
 * ``"subsample"`` (SFP code, ``sfp_resnet*``): stride-2 subsampling, then zero channels.
+
+``gates=True`` gives every block that has a residual branch Sparse Structure Selection's factor lambda_b
+(a :class:`~lit_prune.core.gates.BlockGate` named ``gate``, initialised to 1): ``out = relu(shortcut +
+lambda_b * bn2(conv2(...)))``. Off by default, so state dicts are those of the ungated model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_prune.core import init
+from lit_prune.core.gates import BlockGate
 from lit_prune.core.groups import ChannelGroup
 from lit_prune.models.base import ZooModel
 from lit_prune.models.registry import register_model, register_width_config
@@ -47,9 +52,17 @@ class ZeroPadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv1-bn1-relu-conv2-bn2 + shortcut, relu. A removed branch (width 0) leaves conv1..bn2 None."""
+    """conv1-bn1-relu-conv2-bn2 (times the gate, if any) + shortcut, relu.
 
-    def __init__(self, in_planes: int, width: int, planes: int, stride: int, shortcut: nn.Module | None) -> None:
+    A removed branch (width 0) leaves conv1..bn2 and the gate None.
+    """
+
+    #: the module whose output an SSS gate scales (lit_prune.core.gates.fold_gates_ folds lambda_b into it)
+    gate_folds_into = "bn2"
+
+    def __init__(
+        self, in_planes: int, width: int, planes: int, stride: int, shortcut: nn.Module | None, gate: bool = False
+    ) -> None:
         super().__init__()
         keep = width > 0
         self.conv1 = nn.Conv2d(in_planes, width, 3, stride, 1, bias=False) if keep else None
@@ -57,6 +70,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, planes, 3, 1, 1, bias=False) if keep else None
         self.bn2 = nn.BatchNorm2d(planes) if keep else None
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
+        self.gate = BlockGate() if keep and gate else None
 
     @property
     def width(self) -> int:
@@ -65,12 +79,13 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shortcut(x)
         if self.conv1 is not None:
-            out = out + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # (N, planes, H/s, W/s)
+            out = out + (branch if self.gate is None else self.gate(branch))
         return F.relu(out)
 
 
 class CifarResNet(ZooModel):
-    """ResNet for 32x32 inputs with parameter-free shortcuts (paper-spec 2.2, 2.3)."""
+    """ResNet for 32x32 inputs with parameter-free shortcuts (paper-spec 2.2, 2.3); ``gates``: SSS factors."""
 
     def __init__(
         self,
@@ -80,6 +95,7 @@ class CifarResNet(ZooModel):
         shortcut: str = "avgpool",
         detach_shortcut: bool = False,
         linear_init: str = "default",
+        gates: bool = False,
     ) -> None:
         super().__init__()
         if (depth - 2) % 6:
@@ -98,7 +114,7 @@ class CifarResNet(ZooModel):
             for b in range(n):
                 stride = 2 if s > 0 and b == 0 else 1
                 sc = ZeroPadShortcut(planes, shortcut, detach_shortcut) if stride == 2 else None
-                blocks.append(BasicBlock(in_planes, next(widths), planes, stride, sc))
+                blocks.append(BasicBlock(in_planes, next(widths), planes, stride, sc, gates))
                 in_planes = planes
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
         self.fc = nn.Linear(64, num_classes)
@@ -113,7 +129,10 @@ class CifarResNet(ZooModel):
         return [b for layer in (self.layer1, self.layer2, self.layer3) for b in layer]
 
     def arch_kwargs(self) -> dict[str, Any]:
-        return {"cfg": [b.width for b in self.blocks()]}
+        kwargs: dict[str, Any] = {"cfg": [b.width for b in self.blocks()]}
+        if any(b.gate is not None for b in self.blocks()):
+            kwargs["gates"] = True
+        return kwargs
 
     def channel_groups(self) -> list[ChannelGroup]:
         # Only the first conv of a block is prunable: conv2's outputs meet the shortcut (paper-spec 3.3).
@@ -123,7 +142,8 @@ class CifarResNet(ZooModel):
                 if block.conv1 is None:
                     continue
                 p = f"layer{s}.{b}"
-                branch = tuple(f"{p}.{m}" for m in ("conv1", "bn1", "conv2", "bn2"))
+                names = ("conv1", "bn1", "conv2", "bn2") + (("gate",) if block.gate is not None else ())
+                branch = tuple(f"{p}.{m}" for m in names)
                 groups.append(ChannelGroup(
                     name=f"{p}.conv1", producers=(f"{p}.conv1", f"{p}.bn1"), consumers=(f"{p}.conv2",),
                     bn=f"{p}.bn1", conv=f"{p}.conv1", branch=branch,
@@ -136,6 +156,8 @@ class CifarResNet(ZooModel):
                 init.he_fan_out_(m)
             elif isinstance(m, nn.BatchNorm2d):
                 init.bn_(m, 1.0)
+            elif isinstance(m, BlockGate):
+                m.reset_parameters()
         if self.linear_init == "kaiming":
             nn.init.kaiming_normal_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)
@@ -144,16 +166,18 @@ class CifarResNet(ZooModel):
 
 
 def _l1_resnet(depth: int):
-    def build(cfg: Sequence[int] | None = None, num_classes: int = 10, detach_shortcut: bool = False) -> CifarResNet:
-        return CifarResNet(depth, num_classes, cfg, shortcut="avgpool", detach_shortcut=detach_shortcut)
+    def build(
+        cfg: Sequence[int] | None = None, num_classes: int = 10, detach_shortcut: bool = False, gates: bool = False
+    ) -> CifarResNet:
+        return CifarResNet(depth, num_classes, cfg, shortcut="avgpool", detach_shortcut=detach_shortcut, gates=gates)
 
     build.__doc__ = f"ResNet-{depth} of the L1-norm code (avg-pool + zero-channel shortcut)."
     return build
 
 
 def _sfp_resnet(depth: int):
-    def build(cfg: Sequence[int] | None = None, num_classes: int = 10) -> CifarResNet:
-        return CifarResNet(depth, num_classes, cfg, shortcut="subsample", linear_init="kaiming")
+    def build(cfg: Sequence[int] | None = None, num_classes: int = 10, gates: bool = False) -> CifarResNet:
+        return CifarResNet(depth, num_classes, cfg, shortcut="subsample", linear_init="kaiming", gates=gates)
 
     build.__doc__ = f"ResNet-{depth} of the SFP code (strided-subsample + zero-channel shortcut)."
     return build

@@ -31,6 +31,9 @@ Optional, for He et al.'s ResNet-50-2x (paper-spec 2.7):
   input), or None for a block that reads all of them. ``select=None`` (the default) adds no
   selection layers at all, which keeps torchvision's state-dict keys.
 * ``downsample_bias=True``: the shortcut's 1x1 conv has a bias, as in the reference ResNet-50 code.
+* ``gates=True``: every block that has a residual branch gets Sparse Structure Selection's factor lambda_b
+  (a :class:`~lit_prune.core.gates.BlockGate` named ``gate``, initialised to 1) on the branch output before
+  the addition: ``relu(lambda_b * bn_last(...) + shortcut)``. Off by default (torchvision's state dicts).
 
 Named width configs (the paper's predefined pruned architectures):
 
@@ -54,6 +57,7 @@ import torch
 from torch import nn
 
 from lit_prune.core import init
+from lit_prune.core.gates import BlockGate
 from lit_prune.core.groups import ChannelGroup
 from lit_prune.models.base import ChannelSelection, ZooModel
 from lit_prune.models.registry import register_model, register_width_config
@@ -77,11 +81,15 @@ class _Block(nn.Module):
     #: how many inner widths one cfg entry gives (1 for BasicBlock, 2 for Bottleneck)
     num_widths = 1
 
+    #: the module whose output an SSS gate scales (lit_prune.core.gates.fold_gates_ folds lambda_b into it)
+    gate_folds_into = "bn2"
+
     def __init__(self, select: ChannelSelection | None) -> None:
         super().__init__()
         if select is not None:  # registered only when used, so that torchvision checkpoints load strictly
             self.select = select
         self.relu = nn.ReLU()
+        self.gate: BlockGate | None = None  # a plain attribute unless gated: no state-dict key
 
     @property
     def has_branch(self) -> bool:
@@ -101,6 +109,10 @@ class _Block(nn.Module):
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
 
+    def _gated(self, out: torch.Tensor) -> torch.Tensor:
+        # SSS: lambda_b times the branch output, before the addition
+        return out if self.gate is None else self.gate(out)
+
 
 class BasicBlock(_Block):
     """Two 3x3 convs: ``conv1`` (in -> width, stride) and ``conv2`` (width -> planes)."""
@@ -113,6 +125,7 @@ class BasicBlock(_Block):
         widths: Sequence[int],
         downsample: nn.Module | None = None,
         select: ChannelSelection | None = None,
+        gate: bool = False,
     ) -> None:
         super().__init__(select)
         (width,) = widths
@@ -122,6 +135,8 @@ class BasicBlock(_Block):
             self.bn1 = nn.BatchNorm2d(width)
             self.conv2 = nn.Conv2d(width, planes, 3, 1, 1, bias=False)
             self.bn2 = nn.BatchNorm2d(planes)
+            if gate:
+                self.gate = BlockGate()
         self.downsample = downsample  # after the convs: state-dict order as torchvision's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +144,7 @@ class BasicBlock(_Block):
         if not self.has_branch:
             return self.relu(identity)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))  # (N, width, H/stride, W/stride)
-        out = self.bn2(self.conv2(out))  # (N, planes, H/stride, W/stride)
+        out = self._gated(self.bn2(self.conv2(out)))  # (N, planes, H/stride, W/stride)
         return self.relu(out + identity)
 
 
@@ -138,6 +153,7 @@ class Bottleneck(_Block):
 
     expansion = 4
     num_widths = 2
+    gate_folds_into = "bn3"
 
     def __init__(
         self,
@@ -147,6 +163,7 @@ class Bottleneck(_Block):
         widths: Sequence[int],
         downsample: nn.Module | None = None,
         select: ChannelSelection | None = None,
+        gate: bool = False,
     ) -> None:
         super().__init__(select)
         w1, w2 = widths
@@ -158,6 +175,8 @@ class Bottleneck(_Block):
             self.bn2 = nn.BatchNorm2d(w2)
             self.conv3 = nn.Conv2d(w2, planes * self.expansion, 1, bias=False)
             self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+            if gate:
+                self.gate = BlockGate()
         self.downsample = downsample  # after the convs: state-dict order as torchvision's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +185,7 @@ class Bottleneck(_Block):
             return self.relu(identity)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))  # (N, w1, H, W)
         out = self.relu(self.bn2(self.conv2(out)))  # (N, w2, H/stride, W/stride)
-        out = self.bn3(self.conv3(out))  # (N, 4 planes, H/stride, W/stride)
+        out = self._gated(self.bn3(self.conv3(out)))  # (N, 4 planes, H/stride, W/stride)
         return self.relu(out + identity)
 
 
@@ -223,6 +242,7 @@ class _ResNet(ZooModel):
         select: Sequence[Sequence[int] | None] | None,
         downsample_bias: bool,
         label: str,
+        gates: bool = False,
     ) -> int:
         """Add ``layer1``, ``layer2``, ...; returns the width of the residual stream at the end."""
         n = sum(layers)
@@ -243,7 +263,7 @@ class _ResNet(ZooModel):
                         nn.Conv2d(in_planes, out, 1, stride, bias=downsample_bias), nn.BatchNorm2d(out)
                     )
                 sel = None if select is None else ChannelSelection(in_planes, select[i])
-                blocks.append(self.block(in_planes, p, stride, widths[i], downsample, sel))
+                blocks.append(self.block(in_planes, p, stride, widths[i], downsample, sel, gates))
                 in_planes, i = out, i + 1
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
         return in_planes
@@ -260,6 +280,8 @@ class _ResNet(ZooModel):
             kwargs["select"] = [b.select.kept() if hasattr(b, "select") else None for b in blocks]
         if any(b.downsample is not None and b.downsample[0].bias is not None for b in blocks):
             kwargs["downsample_bias"] = True
+        if any(b.gate is not None for b in blocks):
+            kwargs["gates"] = True
         return kwargs
 
     def channel_groups(self) -> list[ChannelGroup]:
@@ -271,6 +293,8 @@ class _ResNet(ZooModel):
                 continue
             convs = [f"{path}.conv{i}" for i in range(1, block.num_widths + 2)]  # inner convs + the output conv
             branch = tuple(p for c in convs for p in (c, c.replace("conv", "bn")))
+            if block.gate is not None:  # the gate goes with its branch
+                branch += (f"{path}.gate",)
             if hasattr(block, "select"):
                 groups.append(ChannelGroup(name=f"{path}.select", selection=f"{path}.select", consumers=(convs[0],)))
             for conv, nxt in zip(convs, convs[1:]):
@@ -286,6 +310,8 @@ class _ResNet(ZooModel):
                 init.he_fan_out_(m)
             elif isinstance(m, nn.BatchNorm2d):
                 init.bn_(m, 1.0)
+            elif isinstance(m, BlockGate):
+                m.reset_parameters()
         self.fc.reset_parameters()
 
 
@@ -298,6 +324,7 @@ class ImageNetResNet(_ResNet):
         cfg: per-block widths (see the module docstring); None for the unpruned network.
         select: per-block input channel selections for ``conv1``, or None for no selection layers.
         downsample_bias: give the shortcut's 1x1 conv a bias (the reference ResNet-50 code).
+        gates: give every residual branch an SSS block factor (see the module docstring).
 
     Raises:
         ValueError: unknown depth, or ``cfg``/``select`` of the wrong length or type.
@@ -312,6 +339,7 @@ class ImageNetResNet(_ResNet):
         cfg: Sequence[Any] | None = None,
         select: Sequence[Sequence[int] | None] | None = None,
         downsample_bias: bool = False,
+        gates: bool = False,
     ) -> None:
         super().__init__()
         if depth not in _IMAGENET_LAYOUTS:
@@ -324,7 +352,7 @@ class ImageNetResNet(_ResNet):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        out = self._make_stages(64, _IMAGENET_PLANES, layers, widths, select, downsample_bias, label)
+        out = self._make_stages(64, _IMAGENET_PLANES, layers, widths, select, downsample_bias, label, gates)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(out, num_classes)  # 512 * expansion whatever cfg says (paper-spec 12.11)
         self.reset_parameters()
@@ -342,6 +370,7 @@ class BearpawResNet(_ResNet):
         depth: 6n+2 (8, 14, 20, ..., 50 for the lottery-ticket "ResNet-50"); Bottlenecks from 54 on.
         num_classes: FC outputs.
         cfg: per-block widths (ints for BasicBlocks, pairs for Bottlenecks); None for the unpruned network.
+        gates: give every residual branch an SSS block factor (see the module docstring).
 
     Raises:
         ValueError: a depth that is not 6n+2, or a bad ``cfg``.
@@ -349,7 +378,9 @@ class BearpawResNet(_ResNet):
 
     input_size = (3, 32, 32)
 
-    def __init__(self, depth: int, num_classes: int = 10, cfg: Sequence[Any] | None = None) -> None:
+    def __init__(
+        self, depth: int, num_classes: int = 10, cfg: Sequence[Any] | None = None, gates: bool = False
+    ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"bearpaw ResNet depth must be 6n+2 with n >= 1 (8, 14, ..., 50), got {depth}")
@@ -362,7 +393,7 @@ class BearpawResNet(_ResNet):
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU()
-        out = self._make_stages(16, _CIFAR_PLANES, layers, widths, None, False, label)
+        out = self._make_stages(16, _CIFAR_PLANES, layers, widths, None, False, label, gates)
         # the reference uses AvgPool2d(8); on 32x32 inputs this is the same global average
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(out, num_classes)
@@ -380,9 +411,10 @@ def resnet34(
     num_classes: int = 1000,
     select: Sequence[Sequence[int] | None] | None = None,
     downsample_bias: bool = False,
+    gates: bool = False,
 ) -> ImageNetResNet:
     """ImageNet ResNet-34 of L1-norm pruning; ``cfg`` is 16 first-conv widths (named configs "A", "B")."""
-    return ImageNetResNet(34, num_classes, cfg, select, downsample_bias)
+    return ImageNetResNet(34, num_classes, cfg, select, downsample_bias, gates)
 
 
 @register_model("resnet50")
@@ -391,15 +423,16 @@ def resnet50(
     num_classes: int = 1000,
     select: Sequence[Sequence[int] | None] | None = None,
     downsample_bias: bool = False,
+    gates: bool = False,
 ) -> ImageNetResNet:
     """ImageNet ResNet-50 of ThiNet / He et al.; ``cfg`` is 16 ``[conv1, conv2]`` width pairs."""
-    return ImageNetResNet(50, num_classes, cfg, select, downsample_bias)
+    return ImageNetResNet(50, num_classes, cfg, select, downsample_bias, gates)
 
 
 @register_model("bearpaw_resnet50")
-def bearpaw_resnet50(cfg: Sequence[int] | None = None, num_classes: int = 10) -> BearpawResNet:
+def bearpaw_resnet50(cfg: Sequence[int] | None = None, num_classes: int = 10, gates: bool = False) -> BearpawResNet:
     """bearpaw CIFAR ResNet depth 50 = 3 x 8 BasicBlocks (the lottery-ticket "ResNet-50"); 24 widths."""
-    return BearpawResNet(50, num_classes, cfg)
+    return BearpawResNet(50, num_classes, cfg, gates)
 
 
 # The paper's L1-norm targets (paper-spec 3.4): first-conv widths per block.

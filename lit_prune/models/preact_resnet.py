@@ -37,7 +37,9 @@ an identity unit becomes the identity. Call :meth:`PreActResNet.compact_blocks` 
 unit in the middle of a stage, so that the module names match a model rebuilt from ``cfg``.
 
 Every unit's residual output goes through :meth:`PreActBottleneck.residual`, the one place where SSS's
-block factor lambda_b multiplies it (``out = shortcut + lambda_b * F``, paper-spec 7.2).
+block factor lambda_b multiplies it (``out = shortcut + lambda_b * F``, paper-spec 7.2). ``gates=True`` gives
+every unit that keeps a branch such a factor (a :class:`~lit_prune.core.gates.BlockGate` named ``gate``,
+initialised to 1; no BN follows conv3, so lambda_b folds into conv3's weight). Off by default.
 
 Init (paper-spec 1.5): conv He fan-out, BN gamma 1 / beta 0, Linear PyTorch default. Input 3x224x224.
 """
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_prune.core import init
+from lit_prune.core.gates import BlockGate
 from lit_prune.core.groups import ChannelGroup
 from lit_prune.models.base import ZooModel
 from lit_prune.models.registry import register_model, register_width_config
@@ -71,21 +74,31 @@ class PreActBottleneck(nn.Module):
         stride: stride of the 3x3 conv and of the projection.
         projection: give the unit a 1x1 projection shortcut (a stage's first unit).
         widths: ``(conv1 out, conv2 out)``, or None for no residual branch.
+        gate: give the branch SSS's block factor lambda_b (only when there is a branch).
 
-    Without a branch, ``conv1 .. conv3`` (and ``bn1`` when there is no projection) are None, exactly as
-    surgery leaves a unit whose branch it removed.
+    Without a branch, ``conv1 .. conv3`` and ``gate`` (and ``bn1`` when there is no projection) are None,
+    exactly as surgery leaves a unit whose branch it removed.
     """
 
     #: the residual branch's submodules (``bn1`` belongs to it only when no projection reads it)
     BRANCH = ("conv1", "bn2", "conv2", "bn3", "conv3")
+    #: the module whose output an SSS gate scales (lit_prune.core.gates.fold_gates_ folds lambda_b into it)
+    gate_folds_into = "conv3"
 
     def __init__(
-        self, in_planes: int, planes: int, stride: int, projection: bool, widths: Sequence[int] | None
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        projection: bool,
+        widths: Sequence[int] | None,
+        gate: bool = False,
     ) -> None:
         super().__init__()
         self.bn1: nn.BatchNorm2d | None = nn.BatchNorm2d(in_planes)
         for name in self.BRANCH:
             setattr(self, name, None)
+        self.gate: BlockGate | None = None
         if widths is not None:
             w1, w2 = widths
             self.conv1 = nn.Conv2d(in_planes, w1, 1, bias=False)
@@ -93,6 +106,8 @@ class PreActBottleneck(nn.Module):
             self.conv2 = nn.Conv2d(w1, w2, 3, stride, 1, bias=False)
             self.bn3 = nn.BatchNorm2d(w2)
             self.conv3 = nn.Conv2d(w2, planes * _EXPANSION, 1, bias=False)
+            if gate:
+                self.gate = BlockGate()
         # a plain conv (not a Sequential) so that surgery sees it by name; no BN after it, as in MXNet
         self.downsample = nn.Conv2d(in_planes, planes * _EXPANSION, 1, stride, bias=False) if projection else None
 
@@ -105,17 +120,19 @@ class PreActBottleneck(nn.Module):
         return [self.conv1.out_channels, self.conv2.out_channels] if self.has_branch else [0, 0]
 
     def branch_modules(self) -> tuple[str, ...]:
-        """Names of the submodules that go when the residual branch is removed."""
-        return self.BRANCH if self.downsample is not None else ("bn1", *self.BRANCH)
+        """Names of the submodules that go when the residual branch is removed (its gate included)."""
+        names = self.BRANCH + (("gate",) if self.gate is not None else ())
+        return names if self.downsample is not None else ("bn1", *names)
 
     def residual(self, act: torch.Tensor) -> torch.Tensor:
         """The residual branch F on the pre-activated input: (N, in, H, W) -> (N, 4 planes, H/s, W/s).
 
-        Its output is added to the shortcut as it is; a block-level factor (SSS's lambda_b) multiplies it here.
+        With a gate, SSS's block factor lambda_b multiplies it here, before the addition to the shortcut.
         """
         out = self.conv1(act)  # (N, w1, H, W)
         out = self.conv2(F.relu(self.bn2(out)))  # (N, w2, H/s, W/s)
-        return self.conv3(F.relu(self.bn3(out)))  # (N, 4 planes, H/s, W/s)
+        out = self.conv3(F.relu(self.bn3(out)))  # (N, 4 planes, H/s, W/s)
+        return out if self.gate is None else self.gate(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn1 is None:  # an identity unit whose branch was removed
@@ -170,6 +187,7 @@ class PreActResNet(ZooModel):
         cfg: one ``[a, b]`` pair per stage (see the module docstring); None for the full ResNet-50.
         num_classes: FC outputs.
         widths: ``[conv1 out, conv2 out]`` per unit keeping a branch, in order; None for the full widths.
+        gates: give every residual branch SSS's block factor lambda_b (see the module docstring).
 
     Raises:
         ValueError: a ``cfg`` that is not 4 valid pairs, or ``widths`` of the wrong length or type.
@@ -178,7 +196,11 @@ class PreActResNet(ZooModel):
     input_size = (3, 224, 224)
 
     def __init__(
-        self, cfg: Sequence[Sequence[Any]] | None = None, num_classes: int = 1000, widths: Sequence[Any] | None = None
+        self,
+        cfg: Sequence[Sequence[Any]] | None = None,
+        num_classes: int = 1000,
+        widths: Sequence[Any] | None = None,
+        gates: bool = False,
     ) -> None:
         super().__init__()
         cfg = _check_cfg(_FULL_CFG if cfg is None else cfg)
@@ -197,10 +219,10 @@ class PreActResNet(ZooModel):
         for s, ((a, b), planes) in enumerate(zip(cfg, _PLANES, strict=True)):
             first = list(widths[i]) if b else None
             i += int(b)
-            units = [PreActBottleneck(in_planes, planes, 1 if s == 0 else 2, True, first)]
+            units = [PreActBottleneck(in_planes, planes, 1 if s == 0 else 2, True, first, gates)]
             in_planes = planes * _EXPANSION
             for _ in range(a - int(b)):
-                units.append(PreActBottleneck(in_planes, planes, 1, False, list(widths[i])))
+                units.append(PreActBottleneck(in_planes, planes, 1, False, list(widths[i]), gates))
                 i += 1
             self.add_module(f"layer{s + 1}", nn.Sequential(*units))
         self.bn = nn.BatchNorm2d(in_planes)
@@ -248,7 +270,10 @@ class PreActResNet(ZooModel):
             cfg.append([sum(flags), flags[0]])
             widths += [u.widths() for u in stage if u.has_branch]
         full = [[p, p] for (a, _), p in zip(cfg, _PLANES, strict=True) for _ in range(a)]
-        return {"cfg": cfg} if widths == full else {"cfg": cfg, "widths": widths}
+        kwargs: dict[str, Any] = {"cfg": cfg} if widths == full else {"cfg": cfg, "widths": widths}
+        if any(u.gate is not None for u in self.blocks()):
+            kwargs["gates"] = True
+        return kwargs
 
     def channel_groups(self) -> list[ChannelGroup]:
         # conv1's and conv2's outputs of every kept branch; conv3 and the projection feed the addition and are
@@ -281,15 +306,23 @@ class PreActResNet(ZooModel):
             elif isinstance(m, nn.BatchNorm2d):
                 init.bn_(m, 1.0)
                 m.reset_running_stats()
+            elif isinstance(m, BlockGate):
+                m.reset_parameters()
         self.fc.reset_parameters()
 
 
 @register_model("sss_resnet50")
 def sss_resnet50(
-    cfg: Sequence[Sequence[Any]] | None = None, num_classes: int = 1000, widths: Sequence[Any] | None = None
+    cfg: Sequence[Sequence[Any]] | None = None,
+    num_classes: int = 1000,
+    widths: Sequence[Any] | None = None,
+    gates: bool = False,
 ) -> PreActResNet:
-    """SSS's pre-activation ResNet-50; ``cfg`` = ``[a, b]`` per stage (named "resnet41", "resnet32", "resnet26")."""
-    return PreActResNet(cfg, num_classes, widths)
+    """SSS's pre-activation ResNet-50; ``cfg`` = ``[a, b]`` per stage (named "resnet41", "resnet32", "resnet26").
+
+    ``gates=True`` adds the block factors that ``callbacks.SparseStructureSelection`` trains.
+    """
+    return PreActResNet(cfg, num_classes, widths, gates)
 
 
 # The paper's SSS architectures (paper-spec 2.7, Table 5): depth 2 + 3 * sum(a).

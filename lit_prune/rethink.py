@@ -457,16 +457,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for j, (name, v) in enumerate(variants.items()):
         rows = [r for r in rows_all if r in v["rows"]]
         xs = [rows_all.index(r) + j * width for r in rows]
-        ax.bar(xs, [v["rows"][r]["acc1_mean"] for r in rows], width, yerr=[v["rows"][r]["acc1_std"] for r in rows],
-               capsize=3, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows_all))],
-                  [LABELS.get(r, r).split(" (")[0] for r in rows_all], rotation=20)
-    accs = [r["acc1_mean"] for v in variants.values() for r in v["rows"].values()]
+        means = [v["rows"][r]["acc1_mean"] for r in rows]
+        bars = ax.bar(xs, means, width, yerr=[v["rows"][r]["acc1_std"] for r in rows], capsize=3, label=name)
+        ax.bar_label(bars, labels=[f"{m:.2f}" for m in means], fontsize=7, padding=2)
+    names = [LABELS.get(r, r).split(" (")[0] for r in rows_all]
+    if "pruned" in rows_all:  # its bar usually falls below the zoomed axis: give its value in the label
+        pruned = [f"{v['rows']['pruned']['acc1_mean']:.1f}" for v in variants.values() if "pruned" in v["rows"]]
+        names[rows_all.index("pruned")] = f"Pruned\n({', '.join(pruned)})"
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows_all))], names, rotation=20)
+    # zoom on the trained models; the pruned-but-not-retrained bar may fall below (its value is printed)
+    accs = [r["acc1_mean"] for v in variants.values() for k, r in v["rows"].items() if k != "pruned"]
     if accs:
-        ax.set_ylim(max(0.0, min(accs) - 5), min(100.0, max(accs) + 2))
+        ax.set_ylim(max(0.0, min(accs) - 3), min(100.0, max(accs) + 1.5))
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(results["name"])
-    ax.legend(title="pruned model")
+    ax.legend(title="pruned model", loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(variants), 4),
+              fontsize=8)
     if several:
         ax2 = axes[0][1]
         for regime in [r for r in rows_all if r not in ("unpruned", "pruned")]:

@@ -8,6 +8,13 @@
 ``--config`` names the method the way a ``trainer.callbacks`` entry does (``class_path`` and
 ``init_args``); a full training config is accepted too, and its pruning callback is used.
 
+Data-driven methods (ThiNet, He et al.'s channel pruning: ``needs_data = True``) sample training images:
+``--data-config`` names the datamodule as a training config's ``data:`` section does (``class_path`` and
+``init_args``), or is a training config itself; its ``train_dataloader()`` is passed to the method::
+
+    python -m lit_prune.prune --checkpoint runs/vgg16/last.ckpt --config thinet.yaml \\
+        --data-config configs/imagenet/vgg16.yaml --out thinet_conv.pt
+
 The paper's predefined pruned architectures (ThiNet, VGG-16-5x, ResNet-50-2x, SSS ResNet-26/32/41, L1's
 ResNet-34-A/B, ...) are named width configs of the zoo; ``--width-config`` writes one as an
 *architecture-only* artifact, freshly initialised, so that Scratch-E/B run through the same artifact path
@@ -65,6 +72,29 @@ def load_method(path: str | Path) -> Any:
         raise ValueError(f"{path} must describe exactly one pruning callback (class_path + init_args); "
                          f"found {len(methods)}")
     return methods[0]
+
+
+def load_datamodule(path: str | Path) -> Any:
+    """The datamodule described by a YAML file (a ``class_path``/``init_args`` entry, or a config with ``data:``),
+    set up for fitting.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file names no datamodule, or it cannot be imported.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data config at {path}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    entry = doc if "class_path" in doc else doc.get("data")
+    if not isinstance(entry, dict) or "class_path" not in entry:
+        raise ValueError(f"{path} must name a datamodule: class_path and init_args, at the top level or under data:")
+    datamodule = _instantiate(entry)
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    if hasattr(datamodule, "setup"):
+        datamodule.setup("fit")
+    return datamodule
 
 
 def load_source(
@@ -128,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML naming the method (class_path, init_args)")
     parser.add_argument("--width-config", help="named width config of --arch: write it as an architecture-only "
                         "artifact (fresh init, for Scratch-E/B), instead of pruning with --config")
+    parser.add_argument("--data-config", help="YAML naming the datamodule (class_path, init_args; or a training "
+                        "config with data:) whose training images data-driven methods (ThiNet, channel pruning) use")
     parser.add_argument("--out", required=True, help="artifact path to write")
     args = parser.parse_args(argv)
     if (args.config is None) == (args.width_config is None):
@@ -155,8 +187,15 @@ def main(argv: list[str] | None = None) -> int:
 def _prune(args: argparse.Namespace) -> dict[str, Any]:
     """Prune the large model named by ``args`` with the method of ``args.config``; returns the artifact."""
     method = load_method(args.config)
+    if getattr(method, "needs_data", False) and args.data_config is None:
+        raise ValueError(f"{type(method).__name__} samples training images: give --data-config naming the "
+                         "datamodule (a training config works)")
     model, init_state = load_source(args.checkpoint, args.arch, args.weights, args.num_classes)
-    extra = {"init_state": init_state} if init_state is not None else {}
+    extra: dict[str, Any] = {"init_state": init_state} if init_state is not None else {}
+    if getattr(method, "needs_data", False):
+        extra["dataloader"] = load_datamodule(args.data_config).train_dataloader()
+    elif args.data_config is not None:
+        log.info("%s uses no data: --data-config is ignored", type(method).__name__)
     return method.prune(model.eval(), path=args.out, source=args.checkpoint or args.weights, **extra)
 
 

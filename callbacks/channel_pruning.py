@@ -1,0 +1,137 @@
+"""Channel pruning by LASSO selection and least-squares reconstruction (He, Zhang, Sun, "Channel Pruning for
+Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168).
+
+Layer by layer, shallow to deep (paper-spec 5.2): for the channels that layer i+1 reads, sample random
+output positions of layer i+1 on training images. The inputs X come from the *current* network (already
+pruned up to here), the targets Y from a frozen copy of the *original* network, so errors do not
+accumulate. A LASSO on one coefficient per input channel (each channel's contribution ``Z_i`` to all
+outputs, flattened) selects the channels; its alpha is found by binary search (double from 1e-3 until
+fewer than c' coefficients are non-zero, then bisect until the count lies in [c', 1.1 c']) and exactly c'
+channels are kept (largest |beta|). Layer i+1's weights on them are then refitted by least squares, and
+layer i's filters (with BN) and layer i+1's input slices are removed physically. Everything is computed
+from Gram statistics of the samples (:mod:`lit_prune.core.reconstruct`): He et al.'s code subsamples 400
+rows for its sklearn LASSO; here the quadratic form of all samples costs the same.
+
+ResNets (paper-spec 5.2 step 5): only conv1 and conv2 of each bottleneck are pruned (their groups; the
+block output meets the shortcut). With ``channel_sampler: true`` every block also gets a channel sampler:
+a channel selection in front of its first conv, chosen by the same LASSO with conv1 as the consumer (the
+shortcut still reads every channel), as in ResNet-50-2x (``target: 2x`` brings its counts). **Not done:**
+the shortcut-compensated target ``Y1 + Y2 - Y2'`` for the last layer of a branch; each layer is
+reconstructed against the original network's own output of that layer. Nor is there fine-tuning between
+layers (a later issue): fine-tune the artifact afterwards.
+
+YAML (VGG-16 -> VGG-16-5x at the end of training)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.ChannelPruning
+          init_args:
+            target: 5x
+            num_images: 5000
+            positions_per_image: 10
+
+Prune a trained checkpoint instead::
+
+    python -m lit_prune.prune --checkpoint runs/vgg16/last.ckpt --config cp.yaml \\
+        --data-config configs/imagenet/vgg16.yaml --out vgg16_5x.pt
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from callbacks.reconstruction import ReconstructionPruning
+from lit_prune.core.groups import ChannelGroup, group_size
+from lit_prune.core.reconstruct import Reconstruction, ReduceFn, channel_pruning_group, consumer_of
+from lit_prune.models.base import ChannelSelection
+from lit_prune.models.imagenet_resnet import ImageNetResNet
+
+#: largest patch-statistics side (C k) accepted: the Gram matrix is (C k)^2 float64 (16384 -> 2 GiB)
+MAX_STATISTICS_DIM = 16384
+
+
+class ChannelPruning(ReconstructionPruning):
+    """He et al.'s channel pruning: LASSO channel selection, then least-squares reconstruction of the next layer.
+
+    Args:
+        alpha: starting alpha of the binary search (He et al.'s ``cfgs.alpha = 1e-3``).
+        rank_tol: the search stops once the non-zero count lies in [c', c' (1 + rank_tol)] (He et al.: 0.1).
+        channel_sampler: add a channel selection in front of each residual block's first conv and prune it
+            too (ImageNet ResNets of the zoo only; the 2x configuration). Their keep counts come from ``target``
+            or ``prune_ratio`` (a single ratio applies to them too; a pattern such as ``"*.select"`` addresses
+            them alone).
+        **kwargs: the arguments of :class:`~callbacks.reconstruction.ReconstructionPruning` (``target`` or
+            ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ``positions_per_image``, ``seed``,
+            ``batch_size``, ``ridge``, ``artifact_path``).
+    """
+
+    method = "channel_pruning"
+
+    def __init__(
+        self,
+        target: str | None = None,
+        prune_ratio: float | dict[str, float] | None = None,
+        layers: list[str] | None = None,
+        skip: list[str] | None = None,
+        num_images: int = 5000,
+        positions_per_image: int = 10,
+        seed: int = 0,
+        batch_size: int | None = None,
+        ridge: float = 1e-4,
+        alpha: float = 1e-3,
+        rank_tol: float = 0.1,
+        channel_sampler: bool = False,
+        artifact_path: str | None = "pruned.pt",
+    ) -> None:
+        super().__init__(target, prune_ratio, layers, skip, num_images, positions_per_image, seed, batch_size,
+                         ridge, artifact_path)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha (the binary search's starting LASSO weight) must be > 0, got {alpha!r}")
+        if isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float)) or rank_tol < 0:
+            raise ValueError(f"rank_tol must be a number >= 0 (He et al. use 0.1), got {rank_tol!r}")
+        self.alpha, self.rank_tol, self.channel_sampler = float(alpha), float(rank_tol), bool(channel_sampler)
+
+    @override
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if not self.channel_sampler:
+            return model
+        if not isinstance(model, ImageNetResNet):
+            # the selections must be rebuildable from the artifact: only these ResNets take `select`
+            raise ValueError(f"channel_sampler needs an ImageNet ResNet of the zoo (resnet34, resnet50, ...), "
+                             f"not a {type(model).__name__}")
+        for block in model.blocks():
+            if block.has_branch and not hasattr(block, "select"):
+                # reads every channel until the LASSO prunes it; the shortcut keeps the full input
+                block.select = ChannelSelection(block.conv1.in_channels).to(block.conv1.weight.device)
+        return model
+
+    @override
+    def reference(self, model: nn.Module) -> nn.Module:
+        # paper-spec 5.2 step 1: targets from the original network, so errors do not accumulate
+        ref = self.prepare(copy.deepcopy(model)).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    @override
+    def reconstruct_group(
+        self, model: nn.Module, reference: nn.Module | None, group: ChannelGroup, num_keep: int,
+        batches: Any, generator: torch.Generator, reduce_fn: ReduceFn | None,
+    ) -> Reconstruction:
+        _, consumer = consumer_of(model, group)
+        dim = consumer.weight[0].numel()  # C k: one row of the patch statistics per channel and tap
+        if dim > MAX_STATISTICS_DIM:
+            raise ValueError(
+                f"{group.name!r}: its consumer reads {group_size(model, group)} channels of "
+                f"{dim // group_size(model, group)} taps; the ({dim} x {dim}) patch statistics would not fit. "
+                f"Leave the layer whole (skip: [{group.name}]) or use ThiNetPruning, whose statistics are C x C"
+            )
+        return channel_pruning_group(
+            model, group, batches, num_keep, original=reference, positions_per_image=self.positions_per_image,
+            generator=generator, reduce_fn=reduce_fn, alpha=self.alpha, rank_tol=self.rank_tol, ridge=self.ridge,
+        )

@@ -1,0 +1,307 @@
+"""Shared driver of the data-driven, layer-by-layer reconstruction methods (ThiNet, He et al.'s channel pruning).
+
+Both methods walk the model's channel groups from shallow to deep. For each group they collect statistics
+of its consumer on training images from the *current* network (the layers before are already pruned and
+refitted), choose the channels, write the consumer's refitted weights and remove the channels physically
+(:mod:`lit_prune.core.reconstruct`). The live model is never changed: the work happens on a deep copy whose
+final state is the artifact.
+
+Data: the first ``num_images`` images of a seeded permutation of the training set (the trainer's train
+dataloader at the end of training, or the prune CLI's ``--data-config``), in batches of ``batch_size``.
+Under DDP each rank takes every world_size-th of those images, sums its statistics, and an all-reduce
+(``strategy.reduce``, sum) gives every rank the same statistics; rank 0's decision is broadcast anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
+
+from callbacks.base import PruningCallback, is_zoo_model, unwrap
+from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
+from lit_prune.core.reconstruct import Reconstruction, ReduceFn, apply_reconstruction, consumer_of
+from lit_prune.core.selection import check_patterns, check_ratio, matches_any, ratio_for
+from lit_prune.core.surgery import prune_group
+from lit_prune.models import create_model
+
+
+def _positive_int(value: Any, name: str, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{hint}, got {value!r}")
+    return value
+
+
+class ReconstructionPruning(PruningCallback):
+    """Base class of :class:`~callbacks.ThiNetPruning` and :class:`~callbacks.ChannelPruning`.
+
+    Subclasses implement :meth:`reconstruct_group` (one group's decision) and may override
+    :meth:`reference` (a frozen copy of the unpruned network for the targets).
+
+    Args:
+        target: name of a width config of the model (``"thinet_conv"``, ``"5x"``, ``"thinet70"``): the keep
+            counts are that architecture's widths, layer by layer.
+        prune_ratio: fraction of channels removed, one number for every selected layer or a mapping from
+            layer name patterns to fractions; ``num_keep = int(C * (1 - ratio))`` (ThiNet-70 keeps 70%:
+            ``prune_ratio: 0.3``).
+        layers: layer name patterns that may be pruned (default: every group with one conv or linear consumer).
+        skip: layer name patterns left whole.
+        num_images: training images sampled (the first of a permutation seeded by ``seed``), over all ranks.
+        positions_per_image: output positions sampled per image and layer (both papers use 10).
+        seed: seed of the image permutation and of the position sampling.
+        batch_size: images per forward pass while sampling; None uses the train loader's batch size.
+        ridge: relative ridge of the least-squares refits (towards the unrefitted weights).
+        artifact_path: where the artifact is written (relative to the trainer's log directory); None writes none.
+
+    Exactly one of ``target`` and ``prune_ratio`` is given.
+    """
+
+    #: the prune CLI passes ``dataloader=`` to :meth:`prune` only for methods that declare this
+    needs_data = True
+    #: nothing is masked during training: the method prunes once, at the end
+    enforce_masks = False
+
+    def __init__(
+        self,
+        target: str | None = None,
+        prune_ratio: float | dict[str, float] | None = None,
+        layers: list[str] | None = None,
+        skip: list[str] | None = None,
+        num_images: int = 5000,
+        positions_per_image: int = 10,
+        seed: int = 0,
+        batch_size: int | None = None,
+        ridge: float = 1e-4,
+        artifact_path: str | None = "pruned.pt",
+    ) -> None:
+        super().__init__(artifact_path)
+        if (target is None) == (prune_ratio is None):
+            raise ValueError("give exactly one of target (a width config name such as 'thinet_conv') and "
+                             "prune_ratio (the fraction removed: ThiNet-70 keeps 70%, prune_ratio 0.3)")
+        if prune_ratio is not None:
+            for r in (prune_ratio.values() if isinstance(prune_ratio, dict) else [prune_ratio]):
+                check_ratio(r)
+        _positive_int(num_images, "num_images", " (training images sampled)")
+        _positive_int(positions_per_image, "positions_per_image", " (the papers use 10)")
+        if batch_size is not None:
+            _positive_int(batch_size, "batch_size")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
+            raise ValueError(f"ridge must be a number >= 0 (relative to the Gram diagonal), got {ridge!r}")
+        self.target, self.prune_ratio = target, prune_ratio
+        self.layers, self.skip = (None if layers is None else list(layers)), list(skip or [])
+        self.num_images, self.positions_per_image, self.seed = num_images, positions_per_image, seed
+        self.batch_size, self.ridge = batch_size, float(ridge)
+        self._results: list[dict[str, Any]] = []
+        self._keeps: dict[str, torch.Tensor] = {}
+
+    # ---- hooks ---------------------------------------------------------------------------------------
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prune(unwrap(pl_module), trainer=trainer, dataloader=trainer.train_dataloader)
+
+    # ---- one-shot pruning ----------------------------------------------------------------------------
+    @override
+    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} chooses channels from training images, layer by layer: call "
+                        "prune(model, dataloader=...) (the prune CLI: --data-config)")
+
+    @override
+    def prune(
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
+        dataloader: Any = None,
+    ) -> dict[str, Any] | None:
+        """Prune layer by layer on a copy of ``model`` and export it (see the module docstring).
+
+        Args:
+            model: the trained network (a zoo model is left untouched; any other is pruned in place).
+            trainer: the Trainer (DDP: statistics all-reduced, rank 0's decisions broadcast, rank 0 writes).
+            path: artifact path (default ``artifact_path``).
+            source: where the model came from, for provenance.
+            init_state: theta_0 to carry into the artifact.
+            dataloader: a loader (or dataset) of training images; its dataset is what is sampled.
+
+        Returns:
+            The artifact (None for a model outside the zoo).
+
+        Raises:
+            ValueError: no data, or a layer/width request that does not fit the model.
+        """
+        if dataloader is None:
+            raise ValueError(f"{type(self).__name__} needs training images: pass dataloader= (the prune CLI: "
+                             "--data-config naming the datamodule)")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        reduce_fn: ReduceFn | None = None
+        if trainer is not None and world > 1:
+            reduce_fn = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        zoo = is_zoo_model(model)
+        if self.dense_counts is None:
+            from lit_prune.core.flops import count_flops
+
+            report = count_flops(model)
+            self.dense_counts = {"macs": report.macs, "params": report.params}
+        was_training = model.training
+        work = self.prepare(copy.deepcopy(model) if zoo else model).eval()  # a user model: in place
+        reference = self.reference(model)
+        plan = self.plan(work)
+        loader = self._sample_loader(dataloader, rank, world)
+        self._results, self._keeps = [], {}
+        for i, (name, num_keep) in enumerate(plan):
+            groups = {g.name: g for g in channel_groups(work)}
+            if name not in groups:  # inside a residual branch that vanished earlier in the walk
+                continue
+            group = groups[name]
+            size = group_size(work, group)
+            if num_keep == 0:  # the whole branch goes (plan() refused this for a plain chain)
+                prune_group(work, group, torch.zeros(size, dtype=torch.bool))
+                self._keeps[name] = torch.zeros(size, dtype=torch.bool)
+                rank_zero_info(f"{self.method}: {name} kept 0/{size} channels: its residual branch is removed")
+                continue
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + i * 7919 + rank * 104_729) % 2**63)
+            rec = self.reconstruct_group(work, reference, group, num_keep, loader, generator, reduce_fn)
+            rec = self.broadcast(trainer, rec.cpu())  # identical on every rank already; rank 0's for safety
+            apply_reconstruction(work, group, rec)
+            self._keeps[name] = rec.keep
+            self._record(name, size, rec)
+        compact = getattr(work, "compact_blocks", None)
+        if callable(compact) and any(not k.any() for k in self._keeps.values()):
+            compact()  # models whose block names must stay contiguous renumber them (as prune_groups does)
+        self._log_layers(trainer)
+        if not zoo:
+            model.train(was_training)
+        return self.export(work, {}, trainer=trainer, method=self.method, settings=self.settings(), path=path,
+                           source=source, init_state=init_state)
+
+    # ---- extension points ----------------------------------------------------------------------------
+    def reconstruct_group(
+        self, model: nn.Module, reference: nn.Module | None, group: ChannelGroup, num_keep: int,
+        batches: Any, generator: torch.Generator, reduce_fn: ReduceFn | None,
+    ) -> Reconstruction:
+        """One group's decision on the current network ``model`` (implemented by each method)."""
+        raise NotImplementedError
+
+    def reference(self, model: nn.Module) -> nn.Module | None:
+        """A frozen copy of the unpruned network that gives the reconstruction targets (None: the current one)."""
+        return None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Last changes to the work copy before the walk (channel pruning adds its channel samplers)."""
+        return model
+
+    # ---- planning ------------------------------------------------------------------------------------
+    def plan(self, model: nn.Module) -> list[tuple[str, int]]:
+        """The groups to prune, shallow to deep, with their keep counts (groups left whole are omitted).
+
+        Raises:
+            ValueError: a pattern matches no eligible layer, a target is wider than the layer, or a plain
+                chain would lose every channel.
+        """
+        eligible = []
+        for g in channel_groups(model):
+            try:
+                consumer_of(model, g)
+            except ValueError:
+                continue  # several consumers (a dense stream) or one that cannot be refitted
+            eligible.append(g)
+        names = [g.name for g in eligible]
+        check_patterns(self.skip, names, "skip")
+        if self.layers is not None:
+            check_patterns(self.layers, names, "layers")
+        if isinstance(self.prune_ratio, dict):
+            check_patterns(list(self.prune_ratio), names, "prune_ratio")
+        counts = self._target_counts(model) if self.target is not None else None
+        plan = []
+        for g in eligible:
+            size = group_size(model, g)
+            if matches_any(g.name, self.skip) or (self.layers is not None and not matches_any(g.name, self.layers)):
+                continue
+            if counts is not None:
+                k = counts.get(g.name, 0)  # a group absent from the target lost its whole branch
+            else:
+                k = int(size * (1 - ratio_for(g.name, self.prune_ratio, default=0.0)))
+            if k > size:
+                raise ValueError(f"target width {k} of {g.name!r} is larger than the layer ({size} channels)")
+            if k == 0 and not g.branch:
+                raise ValueError(f"{g.name!r} would lose every channel and is not a residual branch; "
+                                 "lower its prune ratio")
+            if k < size:
+                plan.append((g.name, k))
+        return plan
+
+    def _target_counts(self, model: nn.Module) -> dict[str, int]:
+        if not hasattr(model, "zoo_name"):
+            raise ValueError("target needs a zoo model (built with create_model); use prune_ratio otherwise")
+        kwargs = {k: v for k, v in model.zoo_kwargs.items() if k not in ("cfg", "select")}
+        target = create_model(model.zoo_name, cfg=self.target, **kwargs)
+        return {g.name: group_size(target, g) for g in channel_groups(target)}
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def _sample_loader(self, dataloader: Any, rank: int, world: int) -> DataLoader:
+        """This rank's share of the first ``num_images`` images of a seeded permutation of the dataset."""
+        if isinstance(dataloader, dict):
+            dataloader = next(iter(dataloader.values()))
+        elif isinstance(dataloader, (list, tuple)):
+            dataloader = dataloader[0]
+        dataset = getattr(dataloader, "dataset", dataloader)
+        try:
+            total = len(dataset)
+        except TypeError:
+            raise ValueError(f"{type(self).__name__} samples images by index: the training dataset "
+                             f"({type(dataset).__name__}) must be a map-style dataset with a length") from None
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[: self.num_images]
+        shard = order[rank::world].tolist()
+        batch_size = self.batch_size or getattr(dataloader, "batch_size", None) or 64
+        workers = getattr(dataloader, "num_workers", 0) if isinstance(dataloader, DataLoader) else 0
+        kwargs: dict[str, Any] = {"persistent_workers": True} if workers > 0 else {}  # one pass per layer
+        if isinstance(dataloader, DataLoader):
+            kwargs["collate_fn"] = dataloader.collate_fn
+        return DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=workers,
+                          **kwargs)
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """One entry per pruned layer of the last :meth:`prune`: kept/total, errors, samples."""
+        return [dict(r) for r in self._results]
+
+    def _record(self, name: str, size: int, rec: Reconstruction) -> None:
+        entry: dict[str, Any] = {"layer": name, "kept": int(rec.keep.sum()), "total": size,
+                                 "error_removed": rec.error_removed, "error_reconstructed": rec.error_reconstructed,
+                                 "samples": rec.samples}
+        entry.update({k: float(v) for k, v in rec.lasso.items()})
+        self._results.append(entry)
+        extra = f", lasso alpha {rec.lasso['alpha']:.3g} ({int(rec.lasso['nonzero'])} non-zero)" if rec.lasso else ""
+        rank_zero_info(
+            f"{self.method}: {name} kept {entry['kept']}/{size} channels; relative reconstruction error "
+            f"{rec.error_removed:.4g} removed -> {rec.error_reconstructed:.4g} refitted ({rec.samples} samples{extra})"
+        )
+
+    def _log_layers(self, trainer: pl.Trainer | None) -> None:
+        if trainer is None or trainer.logger is None or not trainer.is_global_zero or not self._results:
+            return
+        metrics = {}
+        for r in self._results:
+            metrics[f"prune/error_removed/{r['layer']}"] = r["error_removed"]
+            metrics[f"prune/error_reconstructed/{r['layer']}"] = r["error_reconstructed"]
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        # the constructor arguments (seed, num_images, positions_per_image, ...) and what the sampling gave
+        return {**super().settings(), "layer_results": self.results}
+
+    @override
+    def export_summary(
+        self, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]
+    ) -> tuple[dict[str, float], str]:
+        # The work copy is already narrow when it is exported (keeps={}); summarise the decisions instead.
+        return super().export_summary(keeps or self._keeps, art)

@@ -1,0 +1,68 @@
+"""ThiNet (Luo, Wu, Lin, "ThiNet: A Filter Level Pruning Method for Deep Neural Network Compression", ICCV 2017,
+arXiv:1707.06342).
+
+Layer by layer, shallow to deep (paper-spec 4.2): the filters of layer i are chosen by layer i+1. On training
+images, sample random output positions of layer i+1 and one random output channel per sample; input channel
+j's contribution ``xhat_j`` to that output sums to the output itself. Greedily remove the channels whose
+summed contributions have the smallest energy, rescale each kept input slice of layer i+1 by least squares,
+then remove layer i's filters (with their BN) and layer i+1's input slices physically. The statistics are
+Gram matrices (C x C), not samples: see :mod:`lit_prune.core.reconstruct`.
+
+Not done here: ThiNet fine-tunes about one epoch after each layer. This callback prunes every layer in one
+pass without fine-tuning in between (a later issue); fine-tune the artifact afterwards (the paper's
+"fine-tuned" regime).
+
+The paper's targets are named width configs: VGG-16 ThiNet-Conv (conv1_1 ... conv4_3 halved, conv5 and the
+FC layers whole) and ResNet-50 ThiNet-30/50/70 (conv1 and conv2 of every bottleneck; the block output and
+the residual stream keep their width).
+
+YAML (VGG-16 -> ThiNet-Conv at the end of training)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.ThiNetPruning
+          init_args:
+            target: thinet_conv
+            num_images: 5000
+
+Generic form (ResNet-50 ThiNet-70 spelled out: every bottleneck's conv1 and conv2 keep 70%)::
+
+        - class_path: callbacks.ThiNetPruning
+          init_args: {prune_ratio: 0.3, positions_per_image: 10, seed: 0}
+
+Prune a trained checkpoint instead (``--data-config`` names the datamodule, e.g. the training config)::
+
+    python -m lit_prune.prune --checkpoint runs/vgg16/last.ckpt --config thinet.yaml \\
+        --data-config configs/imagenet/vgg16.yaml --out thinet_conv.pt
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from callbacks.reconstruction import ReconstructionPruning
+from lit_prune.core.groups import ChannelGroup
+from lit_prune.core.reconstruct import Reconstruction, ReduceFn, thinet_group
+
+
+class ThiNetPruning(ReconstructionPruning):
+    """ThiNet: greedy channel removal by the next layer's reconstruction error, then least-squares rescaling.
+
+    Arguments are those of :class:`~callbacks.reconstruction.ReconstructionPruning` (``target`` or
+    ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ``positions_per_image``, ``seed``, ``batch_size``,
+    ``ridge``, ``artifact_path``). Each layer's statistics come from the current, already pruned network.
+    """
+
+    method = "thinet"
+
+    @override
+    def reconstruct_group(
+        self, model: nn.Module, reference: nn.Module | None, group: ChannelGroup, num_keep: int,
+        batches: Any, generator: torch.Generator, reduce_fn: ReduceFn | None,
+    ) -> Reconstruction:
+        return thinet_group(model, group, batches, num_keep, positions_per_image=self.positions_per_image,
+                            generator=generator, reduce_fn=reduce_fn, ridge=self.ridge)

@@ -112,6 +112,10 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
                                   f"got {cfg.get('rule')!r}")
         regimes[key] = cfg
     exp["regimes"] = regimes
+    for v in exp["variants"]:  # `name: 70` is an int in YAML; names become paths and table headings
+        if v.get("name") is not None:
+            v["name"] = str(v["name"])
+    exp["paper"] = {str(k): v for k, v in exp["paper"].items()}
     names = [v.get("name") for v in exp["variants"]]
     if len(set(names)) != len(names) or not all(names):
         raise ExperimentError(f"{path}: every variant needs a unique name, got {names}")
@@ -262,8 +266,9 @@ class Protocol:
                     src = v.get("source")  # iterative pruning: prune the retrained model of an earlier variant
                     source = ([f"--checkpoint={root / src['variant'] / src['regime'] / 'model.pt'}"] if src
                               else self._prune_source(seed))
+                    # data-driven methods (ThiNet, channel pruning) sample the base config's training data
                     prune.command = [self.python, "-m", "lit_prune.prune", *source, f"--config={v['method']}",
-                                     f"--out={artifact}"]
+                                     f"--data-config={self.exp['base']}", f"--out={artifact}"]
                 stages.append(prune)
                 art = [f"--model.artifact={artifact}"]
                 if v.get("arch"):  # another model than the base config's (ThiNet-GAP next to VGG-16)

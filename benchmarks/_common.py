@@ -71,6 +71,24 @@ def random_batches(
     ]
 
 
+def timing_trainer(device: torch.device, epochs: int, callback: Any) -> Any:
+    """A Trainer that only trains (no validation, logging, checkpoints or progress bar): what timings need."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=epochs,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued accelerator work, so that a wall-clock reading covers it."""
     if device.type == "cuda":

@@ -58,6 +58,7 @@ from _common import (  # also makes the repository importable
     spread,
     summarize,
     sync,
+    timing_trainer,
 )
 from pytorch_lightning.callbacks import Callback
 from torch import nn
@@ -251,18 +252,7 @@ def measure_one(
     batches = random_batches(num_batches, batch_size, input_size, num_classes, seed)
     label, make = CALLBACKS[key]
     toggled = _Toggled(make(), steps, warmup)
-    trainer = pl.Trainer(
-        accelerator="gpu" if dev.type == "cuda" else "cpu",
-        devices=1,
-        max_epochs=warmup + rounds,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[toggled],
-    )
+    trainer = timing_trainer(dev, warmup + rounds, toggled)
     trainer.fit(module, train_dataloaders=CycledBatches(batches, 2 * steps + 1))
 
     pairs = [a / b for on, off in zip(toggled.on_s, toggled.off_s, strict=True) for a, b in zip(on, off, strict=True)]

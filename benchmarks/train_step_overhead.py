@@ -57,6 +57,7 @@ from _common import (  # also makes the repository importable
     setup_runtime,
     summarize,
     sync,
+    timing_trainer,
 )
 from pytorch_lightning.callbacks import Callback
 from torch import nn
@@ -208,18 +209,7 @@ def measure(
     )
     timer = _InterleavedTimer(_PlainLoop(plain_model, plain_opt, batches, dev), steps, warmup, interleave)
 
-    trainer = pl.Trainer(
-        accelerator="gpu" if dev.type == "cuda" else "cpu",
-        devices=1,
-        max_epochs=warmup + rounds,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
+    trainer = timing_trainer(dev, warmup + rounds, timer)
     trainer.fit(module, train_dataloaders=CycledBatches(batches, steps))
 
     ratios = [a / b for a, b in zip(timer.lightning_s, timer.plain_s, strict=True)]

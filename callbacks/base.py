@@ -16,8 +16,10 @@ from typing_extensions import override
 
 from lit_prune.artifact import make_artifact, save_artifact
 from lit_prune.core.flops import count_flops
-from lit_prune.core.masks import Masks, apply_masks, mask_gradients, sparsity
+from lit_prune.core.groups import channel_groups, group_size
+from lit_prune.core.masks import Masks, apply_masks, mask_gradients
 from lit_prune.core.surgery import prune_groups
+from lit_prune.models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,19 @@ log = logging.getLogger(__name__)
 def is_zoo_model(model: nn.Module) -> bool:
     """Whether ``model`` was built by ``lit_prune.models.create_model``, so an artifact can describe it."""
     return hasattr(model, "zoo_name") and hasattr(model, "arch_kwargs")
+
+
+def target_group_sizes(model: nn.Module, target: str) -> dict[str, int]:
+    """Channels per group of ``model`` under its family's named width config ``target`` (e.g. ``"B"``).
+
+    The target architecture is built and its groups matched to ``model``'s by name; a group missing from
+    it (a residual branch the target drops) is absent from the result.
+    """
+    if not is_zoo_model(model):
+        raise ValueError("target needs a zoo model (built with create_model); use prune_ratio otherwise")
+    kwargs = {k: v for k, v in model.zoo_kwargs.items() if k not in ("cfg", "select")}  # the target brings its own
+    built = create_model(model.zoo_name, cfg=target, **kwargs)
+    return {g.name: group_size(built, g) for g in channel_groups(built)}
 
 
 def unwrap(pl_module: pl.LightningModule) -> nn.Module:
@@ -252,7 +267,3 @@ class PruningCallback(pl.Callback):
         metrics = {"prune/channel_sparsity": 1 - kept / total}
         metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
         return metrics, f"pruned ({kept}/{total} channels kept)"
-
-    def log_mask_sparsity(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
-        if trainer is not None and trainer.logger is not None and trainer.is_global_zero and self.masks:
-            trainer.logger.log_metrics({"prune/sparsity": sparsity(model, self.masks)}, step=trainer.global_step)

@@ -30,12 +30,11 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, unwrap
+from callbacks.base import PruningCallback, target_group_sizes, unwrap
 from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.core.importance import criterion_names, group_scores
 from lit_prune.core.masks import group_masks, merge
 from lit_prune.core.selection import apply_floor, check_patterns, check_ratio, matches_any, ratio_for, top_k
-from lit_prune.models import create_model
 
 
 class L1FilterPruning(PruningCallback):
@@ -112,7 +111,7 @@ class L1FilterPruning(PruningCallback):
         groups = [g for g in channel_groups(model) if g.conv is not None]
         names = [g.name for g in groups]
         check_patterns(self.skip, names, "skip")
-        counts = self._target_counts(model) if self.target is not None else None
+        counts = target_group_sizes(model, self.target) if self.target is not None else None
         if isinstance(self.prune_ratio, dict):
             check_patterns(list(self.prune_ratio), names, "prune_ratio")
         if self.keep is not None:
@@ -143,11 +142,3 @@ class L1FilterPruning(PruningCallback):
             return size
         ratio = ratio_for(name, self.prune_ratio, default=0.0)
         return int(size * (1 - ratio))
-
-    def _target_counts(self, model: nn.Module) -> dict[str, int]:
-        if not hasattr(model, "zoo_name"):
-            raise ValueError("target needs a zoo model (built with create_model); use prune_ratio or keep otherwise")
-        kwargs: dict[str, Any] = {k: v for k, v in model.zoo_kwargs.items()}
-        kwargs.pop("cfg", None)
-        target = create_model(model.zoo_name, cfg=self.target, **kwargs)
-        return {g.name: group_size(target, g) for g in channel_groups(target) if g.conv is not None}

@@ -25,12 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, is_zoo_model, unwrap
+from callbacks.base import PruningCallback, is_zoo_model, target_group_sizes, unwrap
 from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
 from lit_prune.core.reconstruct import Reconstruction, ReduceFn, apply_reconstruction, consumer_of
 from lit_prune.core.selection import check_patterns, check_ratio, matches_any, ratio_for
 from lit_prune.core.surgery import prune_group
-from lit_prune.models import create_model
 
 
 def _positive_int(value: Any, name: str, hint: str = "") -> int:
@@ -218,7 +217,7 @@ class ReconstructionPruning(PruningCallback):
             check_patterns(self.layers, names, "layers")
         if isinstance(self.prune_ratio, dict):
             check_patterns(list(self.prune_ratio), names, "prune_ratio")
-        counts = self._target_counts(model) if self.target is not None else None
+        counts = target_group_sizes(model, self.target) if self.target is not None else None
         plan = []
         for g in eligible:
             size = group_size(model, g)
@@ -237,12 +236,6 @@ class ReconstructionPruning(PruningCallback):
                 plan.append((g.name, k))
         return plan
 
-    def _target_counts(self, model: nn.Module) -> dict[str, int]:
-        if not hasattr(model, "zoo_name"):
-            raise ValueError("target needs a zoo model (built with create_model); use prune_ratio otherwise")
-        kwargs = {k: v for k, v in model.zoo_kwargs.items() if k not in ("cfg", "select")}
-        target = create_model(model.zoo_name, cfg=self.target, **kwargs)
-        return {g.name: group_size(target, g) for g in channel_groups(target)}
 
     # ---- data ----------------------------------------------------------------------------------------
     def _sample_loader(self, dataloader: Any, rank: int, world: int) -> DataLoader:

@@ -63,7 +63,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, unwrap
+from callbacks.base import PruningCallback, is_zoo_model, unwrap
 from lit_prune.artifact import make_artifact, save_artifact
 from lit_prune.core.flops import count_flops
 from lit_prune.core.groups import ChannelGroup, channel_groups
@@ -242,7 +242,7 @@ class SoftFilterPruning(PruningCallback):
         Raises:
             TypeError: ``model`` was not built by the zoo, so it cannot be written as an artifact.
         """
-        if not hasattr(model, "zoo_name"):
+        if not is_zoo_model(model):
             raise TypeError(f"{type(model).__name__} is not a zoo model; build it with lit_prune.models.create_model")
         self.reprune(trainer, model)
         art = self.write_artifacts(model, trainer=trainer, path=path, source=source)
@@ -260,7 +260,7 @@ class SoftFilterPruning(PruningCallback):
         Returns:
             The small artifact, else the masked one; None for a model outside the zoo.
         """
-        if not hasattr(model, "zoo_name"):
+        if not is_zoo_model(model):
             rank_zero_warn(f"SFP: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), so no "
                            "artifact is written; the trained model itself holds the zero filters")
             return None

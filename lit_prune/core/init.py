@@ -37,6 +37,21 @@ def linear_normal_(linear: nn.Linear, std: float = 0.01) -> None:
         nn.init.zeros_(linear.bias)
 
 
+def he_bn_init_(model: nn.Module, bn_gamma: float = 1.0) -> None:
+    """The ResNet/PreResNet/DenseNet scheme: He fan-out convs, BatchNorm gamma ``bn_gamma`` (0.5 in the slimming
+    models) with fresh running statistics, SSS block gates at 1. Linear layers are left to the caller."""
+    from lit_prune.core.gates import BlockGate
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            he_fan_out_(m)
+        elif isinstance(m, nn.BatchNorm2d):
+            bn_(m, bn_gamma)
+            m.reset_running_stats()
+        elif isinstance(m, BlockGate):
+            m.reset_parameters()
+
+
 def density_corrected_he_(conv: nn.Conv2d, mask: torch.Tensor) -> None:
     """Re-draw a masked conv with N(0, sqrt(2/n)), n = nnz(mask) / C_in, then apply the mask.
 

@@ -151,13 +151,7 @@ class CifarResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                init.he_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                init.bn_(m, 1.0)
-            elif isinstance(m, BlockGate):
-                m.reset_parameters()
+        init.he_bn_init_(self, 1.0)  # paper-spec 1.5
         if self.linear_init == "kaiming":
             nn.init.kaiming_normal_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)

@@ -304,14 +304,7 @@ class _ResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        # paper-spec 1.5: He fan-out convs (= torchvision's kaiming fan_out), BN gamma 1, default Linear
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                init.he_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                init.bn_(m, 1.0)
-            elif isinstance(m, BlockGate):
-                m.reset_parameters()
+        init.he_bn_init_(self, 1.0)  # paper-spec 1.5
         self.fc.reset_parameters()
 
 

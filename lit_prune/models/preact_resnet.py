@@ -299,15 +299,7 @@ class PreActResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        # paper-spec 1.5: He fan-out convs, BN gamma 1 / beta 0, default Linear
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                init.he_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                init.bn_(m, 1.0)
-                m.reset_running_stats()
-            elif isinstance(m, BlockGate):
-                m.reset_parameters()
+        init.he_bn_init_(self, 1.0)  # paper-spec 1.5
         self.fc.reset_parameters()
 
 

@@ -257,12 +257,7 @@ class PreResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                init.he_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                init.bn_(m, self.bn_gamma)
-                m.reset_running_stats()
+        init.he_bn_init_(self, self.bn_gamma)  # paper-spec 1.5
         self.fc.reset_parameters()
 
 

@@ -15,10 +15,12 @@ rows for its sklearn LASSO; here the quadratic form of all samples costs the sam
 ResNets (paper-spec 5.2 step 5): only conv1 and conv2 of each bottleneck are pruned (their groups; the
 block output meets the shortcut). With ``channel_sampler: true`` every block also gets a channel sampler:
 a channel selection in front of its first conv, chosen by the same LASSO with conv1 as the consumer (the
-shortcut still reads every channel), as in ResNet-50-2x (``target: 2x`` brings its counts). **Not done:**
-the shortcut-compensated target ``Y1 + Y2 - Y2'`` for the last layer of a branch; each layer is
-reconstructed against the original network's own output of that layer. Nor is there fine-tuning between
-layers (a later issue): fine-tune the artifact afterwards.
+shortcut still reads every channel), as in ResNet-50-2x (``target: 2x`` brings its counts). When the
+consumer is the last conv of a residual branch, its target is ``Y1 + Y2 - Y2'`` (``shortcut_compensation``,
+on by default): the original branch output plus the original shortcut minus the pruned network's shortcut,
+so the refitted branch also makes up for the error that earlier layers left on the residual stream.
+Fine-tuning between layers is optional (``finetune_steps``); He et al. fine-tune once at the end: fine-tune
+the artifact afterwards (the paper's "fine-tuned" regime).
 
 YAML (VGG-16 -> VGG-16-5x at the end of training)::
 
@@ -65,6 +67,8 @@ class ChannelPruning(ReconstructionPruning):
             too (ImageNet ResNets of the zoo only; the 2x configuration). Their keep counts come from ``target``
             or ``prune_ratio`` (a single ratio applies to them too; a pattern such as ``"*.select"`` addresses
             them alone).
+        shortcut_compensation: reconstruct the last conv of a residual branch against ``Y1 + Y2 - Y2'``
+            (paper-spec 5.2 step 5) instead of the original branch output ``Y1`` alone.
         **kwargs: the arguments of :class:`~callbacks.reconstruction.ReconstructionPruning` (``target`` or
             ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ``positions_per_image``, ``seed``,
             ``batch_size``, ``ridge``, ``artifact_path``).
@@ -86,6 +90,7 @@ class ChannelPruning(ReconstructionPruning):
         alpha: float = 1e-3,
         rank_tol: float = 0.1,
         channel_sampler: bool = False,
+        shortcut_compensation: bool = True,
         artifact_path: str | None = "pruned.pt",
     ) -> None:
         super().__init__(target, prune_ratio, layers, skip, num_images, positions_per_image, seed, batch_size,
@@ -95,6 +100,7 @@ class ChannelPruning(ReconstructionPruning):
         if isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float)) or rank_tol < 0:
             raise ValueError(f"rank_tol must be a number >= 0 (He et al. use 0.1), got {rank_tol!r}")
         self.alpha, self.rank_tol, self.channel_sampler = float(alpha), float(rank_tol), bool(channel_sampler)
+        self.shortcut_compensation = bool(shortcut_compensation)
 
     @override
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -134,4 +140,5 @@ class ChannelPruning(ReconstructionPruning):
         return channel_pruning_group(
             model, group, batches, num_keep, original=reference, positions_per_image=self.positions_per_image,
             generator=generator, reduce_fn=reduce_fn, alpha=self.alpha, rank_tol=self.rank_tol, ridge=self.ridge,
+            compensate_shortcut=self.shortcut_compensation,
         )

@@ -60,6 +60,7 @@ __all__ = [
     "GramStats",
     "Reconstruction",
     "apply_reconstruction",
+    "branch_scale",
     "channel_pruning_group",
     "collect_regression_stats",
     "collect_thinet_stats",
@@ -70,6 +71,7 @@ __all__ = [
     "least_squares_weight",
     "regression_error",
     "regression_lasso_problem",
+    "residual_block_of",
     "sample_positions",
     "thinet_contributions",
     "thinet_error",
@@ -230,22 +232,48 @@ class _Stop(Exception):
 
 def _input_of(model: nn.Module, path: str, x: torch.Tensor) -> torch.Tensor:
     """The input of submodule ``path`` when ``model`` runs on ``x`` (the forward stops there)."""
+    return _inputs_of(model, (path,), x)[0]
+
+
+def _inputs_of(model: nn.Module, paths: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs of several submodules in one forward pass, which stops once all of them have been seen."""
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured["x"] = args[0]
-        raise _Stop
+    def hook_for(path: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            captured.setdefault(path, args[0])
+            if len(captured) == len(paths):
+                raise _Stop
 
-    handle = model.get_submodule(path).register_forward_pre_hook(hook)
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in paths]
     try:
         model(x)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    if "x" not in captured:
-        raise RuntimeError(f"{path} was not called in the forward pass of {type(model).__name__}")
-    return captured["x"]
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in captured]
+    if missing:
+        raise RuntimeError(f"{missing[0]} was not called in the forward pass of {type(model).__name__}")
+    return [captured[p] for p in paths]
+
+
+def residual_block_of(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
+    """The residual block whose branch ends in the conv ``path`` (:class:`~lit_prune.models.base.ResidualBlock`:
+    ``branch_end``, ``shortcut_output``, ``branch_scale``), or None when ``path`` does not end a branch."""
+    block_path, _, leaf = path.rpartition(".")
+    block = model.get_submodule(block_path) if block_path else model
+    if getattr(block, "branch_end", None) == leaf and callable(getattr(block, "shortcut_output", None)):
+        return block_path, block
+    return None
+
+
+def branch_scale(model: nn.Module, block_path: str) -> torch.Tensor:
+    """(n,) float64 factor from a residual block's end conv to the branch output that meets the shortcut."""
+    return model.get_submodule(block_path).branch_scale().detach().to(torch.float64)
 
 
 def _images(batch: Any, device: torch.device) -> torch.Tensor:
@@ -389,6 +417,7 @@ def collect_regression_stats(
     positions_per_image: int = 10,
     generator: torch.Generator | None = None,
     reduce_fn: ReduceFn | None = None,
+    compensate_shortcut: bool = False,
 ) -> GramStats:
     """He et al.'s statistics for ``group``: patch Gram ``X^T X`` ((C k) x (C k)) and ``X^T Y`` ((C k) x n).
 
@@ -402,10 +431,19 @@ def collect_regression_stats(
         positions_per_image: output positions sampled per image (He et al. use 10).
         generator: seeded CPU generator for the positions.
         reduce_fn: all-reduce (sum) applied to the accumulators after this process's images.
+        compensate_shortcut: when the consumer ends a residual branch (:func:`residual_block_of`) and
+            ``original`` is given, aim at ``Y1 + Y2 - Y2'`` (paper-spec 5.2 step 5): the original branch
+            output plus the original shortcut minus the current network's shortcut, so that the refitted
+            branch makes up for the error the shortcut already carries. These targets live where the two
+            paths are added, after the end conv's BN and gate: ``a Y1 + Y2 - Y2'`` with ``a`` the
+            per-channel :meth:`~lit_prune.models.base.ResidualBlock.branch_scale`, so the regressors'
+            weights must be scaled by ``a`` too (:func:`channel_pruning_group` does).
     """
     path, consumer = consumer_of(model, group)
     c = group_size(model, group)
     weight = _weight3(consumer, c)
+    residual = residual_block_of(model, path) if compensate_shortcut and original is not None else None
+    scale = None if residual is None else branch_scale(original, residual[0])
     if original is not None:
         ref_path, ref = consumer_of(original, group)
         ref_c = group_size(original, group)
@@ -413,21 +451,39 @@ def collect_regression_stats(
         if ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"{path} has {weight.shape[0]} outputs but {ref_weight.shape[0]} in the original "
                              "network; prune shallow to deep so that each consumer's outputs are still whole")
+    if residual is not None:
+        block_path, block = residual
+        ref_block = original.get_submodule(block_path)
     stats = GramStats.zeros(c * weight.shape[2], weight.shape[0], device=weight.device)
     device = _device(model)
     for batch in batches:
         images = _images(batch, device)
-        x = _input_of(model, path, images)
+        if residual is None:
+            x = _input_of(model, path, images)
+        else:
+            x_block, x = _inputs_of(model, (block_path, path), images)
         index = sample_positions(consumer, x, positions_per_image, generator)
         patches = extract_patches(consumer, x, index, c).to(weight.dtype)  # (m, C, k)
         if original is None:
             target_patches, target_weight = patches, weight
         else:
-            x_ref = _input_of(original, ref_path, images.to(_device(original)))
+            ref_images = images.to(_device(original))
+            if residual is None:
+                x_ref = _input_of(original, ref_path, ref_images)
+            else:
+                x_ref_block, x_ref = _inputs_of(original, (block_path, ref_path), ref_images)
             target_patches = extract_patches(ref, x_ref, tuple(t.to(x_ref.device) for t in index), ref_c)
             target_weight = ref_weight
         y = torch.einsum("mck,nck->mn", target_patches.to(target_weight.dtype), target_weight)  # (m, n)
-        stats.update(patches.flatten(1), y.to(stats.gram.device))
+        y = y.to(stats.gram.device, torch.float64)
+        if residual is not None:
+            # Y2 - Y2' at the sampled positions (the end conv's output map is the block's): (m, n)
+            img, row, col = index
+            sc = block.shortcut_output(x_block)[img, :, row, col]
+            img, row, col = (t.to(x_ref_block.device) for t in index)
+            sc_ref = ref_block.shortcut_output(x_ref_block)[img, :, row, col]
+            y = y * scale.to(y.device) + (sc_ref.to(y) - sc.to(y))
+        stats.update(patches.flatten(1), y)
     return stats.reduce(reduce_fn)
 
 
@@ -694,6 +750,7 @@ def channel_pruning_group(
     alpha: float = 1e-3,
     rank_tol: float = 0.1,
     ridge: float = 1e-4,
+    compensate_shortcut: bool = False,
 ) -> Reconstruction:
     """He et al.'s channel pruning for one group: LASSO selection, then least-squares reconstruction.
 
@@ -709,19 +766,30 @@ def channel_pruning_group(
         alpha: starting alpha of the binary search (He et al.'s 1e-3).
         rank_tol: the search stops once the non-zero count lies in [c', c' (1 + rank_tol)].
         ridge: relative ridge of the reconstruction (towards the current weights).
+        compensate_shortcut: at the end of a residual branch, aim at ``Y1 + Y2 - Y2'`` (see
+            :func:`collect_regression_stats`).
     """
-    _, consumer = consumer_of(model, group)
+    path, consumer = consumer_of(model, group)
     stats = collect_regression_stats(model, group, batches, original=original,
                                      positions_per_image=positions_per_image, generator=generator,
-                                     reduce_fn=reduce_fn)
+                                     reduce_fn=reduce_fn, compensate_shortcut=compensate_shortcut)
     c = group_size(model, group)
     w = consumer.weight.detach()
-    w3 = w.reshape(w.shape[0], c, -1)
-    q_mat, q_vec = regression_lasso_problem(stats, w3)
+    residual = residual_block_of(model, path) if compensate_shortcut and original is not None else None
+    # With the shortcut compensation the targets are branch outputs after the BN: scale the weights alike.
+    # Each output's least squares is its own, so only the LASSO (shared beta) and the errors see the scale.
+    scale = torch.ones(w.shape[0], dtype=torch.float64) if residual is None else branch_scale(original, residual[0])
+    scale = scale.to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
+    w_out = (w.to(torch.float64) * scale).to(w.dtype)
+    q_mat, q_vec = regression_lasso_problem(stats, w_out.reshape(w.shape[0], c, -1))
     keep, info = lasso_select(q_mat, q_vec, num_keep, alpha=alpha, rank_tol=rank_tol)
     plain = w * _column_mask(consumer, keep)
-    weight = least_squares_weight(stats, w, keep, ridge)
-    return Reconstruction(keep, weight, regression_error(stats, plain), regression_error(stats, weight),
+    fitted = least_squares_weight(stats, w_out, keep, ridge).to(torch.float64)
+    # back to the conv's own weights; an output whose branch scale is 0 is never seen: keep it, pruned
+    live = scale.abs() > 1e-12
+    weight = torch.where(live, fitted / torch.where(live, scale, 1.0), plain.to(torch.float64)).to(w.dtype)
+    return Reconstruction(keep, weight, regression_error(stats, (plain.to(torch.float64) * scale).to(w.dtype)),
+                          regression_error(stats, (weight.to(torch.float64) * scale).to(w.dtype)),
                           stats.samples, lasso=info)
 
 

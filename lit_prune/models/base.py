@@ -29,6 +29,36 @@ class ZooModel(nn.Module):
         raise NotImplementedError
 
 
+class ResidualBlock(nn.Module):
+    """A residual block whose branch ends in one conv: ``out = act(shortcut(x) + a * conv_end(h) + b)``.
+
+    ``a`` (per output channel) is what the branch does to the end conv's output before the addition, in eval
+    mode: the following BN's ``gamma / sqrt(var + eps)`` (none in a pre-activation block) times an SSS gate.
+    He et al.'s channel pruning reads both terms to reconstruct ``branch_end`` against a target that also
+    makes up for the error the pruned network already carries on the shortcut (paper-spec 5.2 step 5).
+    """
+
+    #: attribute name of the conv whose output meets the shortcut
+    branch_end: str = "conv2"
+    #: attribute name of the BatchNorm right after it (None: the conv output is added directly)
+    branch_end_bn: str | None = "bn2"
+
+    def shortcut_output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the block adds to its branch for block input ``x``: (N, C_in, H, W) -> (N, C_out, H/s, W/s)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def branch_scale(self) -> torch.Tensor:
+        """(C_out,) factor from the end conv's output to the branch output that is added (eval mode)."""
+        conv = getattr(self, self.branch_end)
+        scale = torch.ones(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+        bn = getattr(self, self.branch_end_bn) if self.branch_end_bn else None
+        if bn is not None:
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        gate = getattr(self, "gate", None)
+        return scale if gate is None else scale * gate.weight
+
+
 class ChannelSelection(nn.Module):
     """Passes on a fixed subset of its input channels (Network Slimming's ``channel_selection``).
 

@@ -28,7 +28,7 @@ from torch import nn
 from lit_prune.core import init
 from lit_prune.core.gates import BlockGate
 from lit_prune.core.groups import ChannelGroup
-from lit_prune.models.base import ZooModel
+from lit_prune.models.base import ResidualBlock, ZooModel
 from lit_prune.models.registry import register_model, register_width_config
 
 _STAGE_PLANES = (16, 32, 64)
@@ -51,7 +51,7 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.out_channels - x.shape[1]))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     """conv1-bn1-relu-conv2-bn2 (times the gate, if any) + shortcut, relu.
 
     A removed branch (width 0) leaves conv1..bn2 and the gate None.
@@ -75,6 +75,9 @@ class BasicBlock(nn.Module):
     @property
     def width(self) -> int:
         return 0 if self.conv1 is None else self.conv1.out_channels
+
+    def shortcut_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shortcut(x)

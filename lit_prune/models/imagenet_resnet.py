@@ -59,7 +59,7 @@ from torch import nn
 from lit_prune.core import init
 from lit_prune.core.gates import BlockGate
 from lit_prune.core.groups import ChannelGroup
-from lit_prune.models.base import ChannelSelection, ZooModel
+from lit_prune.models.base import ChannelSelection, ResidualBlock, ZooModel
 from lit_prune.models.registry import register_model, register_width_config
 
 # depth -> (block kind, blocks per stage), torchvision's layouts
@@ -74,7 +74,7 @@ _IMAGENET_PLANES = (64, 128, 256, 512)
 _CIFAR_PLANES = (16, 32, 64)
 
 
-class _Block(nn.Module):
+class _Block(ResidualBlock):
     """Shared parts of the two residual blocks: input selection, shortcut, and the width read-back."""
 
     expansion = 1
@@ -106,7 +106,7 @@ class _Block(nn.Module):
         # (N, C_in, H, W) -> (N, len(select), H, W); only the branch reads the selected channels
         return self.select(x) if hasattr(self, "select") else x
 
-    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+    def shortcut_output(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
 
     def _gated(self, out: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ class BasicBlock(_Block):
         self.downsample = downsample  # after the convs: state-dict order as torchvision's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = self._shortcut(x)  # (N, planes, H/stride, W/stride)
+        identity = self.shortcut_output(x)  # (N, planes, H/stride, W/stride)
         if not self.has_branch:
             return self.relu(identity)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))  # (N, width, H/stride, W/stride)
@@ -154,6 +154,7 @@ class Bottleneck(_Block):
     expansion = 4
     num_widths = 2
     gate_folds_into = "bn3"
+    branch_end, branch_end_bn = "conv3", "bn3"
 
     def __init__(
         self,
@@ -180,7 +181,7 @@ class Bottleneck(_Block):
         self.downsample = downsample  # after the convs: state-dict order as torchvision's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = self._shortcut(x)  # (N, 4 planes, H/stride, W/stride)
+        identity = self.shortcut_output(x)  # (N, 4 planes, H/stride, W/stride)
         if not self.has_branch:
             return self.relu(identity)
         out = self.relu(self.bn1(self.conv1(self._branch_input(x))))  # (N, w1, H, W)

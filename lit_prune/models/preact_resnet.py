@@ -56,7 +56,7 @@ from torch import nn
 from lit_prune.core import init
 from lit_prune.core.gates import BlockGate
 from lit_prune.core.groups import ChannelGroup
-from lit_prune.models.base import ZooModel
+from lit_prune.models.base import ResidualBlock, ZooModel
 from lit_prune.models.registry import register_model, register_width_config
 
 _LAYERS = (3, 4, 6, 3)
@@ -65,7 +65,7 @@ _EXPANSION = 4
 _FULL_CFG = [[n, True] for n in _LAYERS]
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(ResidualBlock):
     """Pre-activation bottleneck unit (see the module docstring).
 
     Args:
@@ -84,6 +84,7 @@ class PreActBottleneck(nn.Module):
     BRANCH = ("conv1", "bn2", "conv2", "bn3", "conv3")
     #: the module whose output an SSS gate scales (lit_prune.core.gates.fold_gates_ folds lambda_b into it)
     gate_folds_into = "conv3"
+    branch_end, branch_end_bn = "conv3", None  # pre-activation: conv3's output is added as it is
 
     def __init__(
         self,
@@ -133,6 +134,10 @@ class PreActBottleneck(nn.Module):
         out = self.conv2(F.relu(self.bn2(out)))  # (N, w2, H/s, W/s)
         out = self.conv3(F.relu(self.bn3(out)))  # (N, 4 planes, H/s, W/s)
         return out if self.gate is None else self.gate(out)
+
+    def shortcut_output(self, x: torch.Tensor) -> torch.Tensor:
+        # the projection reads the pre-activated input
+        return x if self.downsample is None else self.downsample(F.relu(self.bn1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn1 is None:  # an identity unit whose branch was removed

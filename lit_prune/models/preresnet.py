@@ -52,14 +52,14 @@ from torch import nn
 
 from lit_prune.core import init
 from lit_prune.core.groups import ChannelGroup
-from lit_prune.models.base import ChannelSelection, ZooModel, check_select
+from lit_prune.models.base import ChannelSelection, ResidualBlock, ZooModel, check_select
 from lit_prune.models.registry import register_model
 
 _STAGE_PLANES = (16, 32, 64)
 _EXPANSION = 4
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """Pre-activation bottleneck block; ``width = (reads, conv1 out, conv2 out)``, a 0 = no branch.
 
     Without a branch, ``bn1 .. conv3`` (and ``select``) are None, exactly as surgery leaves a block whose
@@ -68,6 +68,7 @@ class Bottleneck(nn.Module):
 
     #: the residual branch's submodules in forward order (surgery removes them together)
     BRANCH = ("bn1", "select", "conv1", "bn2", "conv2", "bn3", "conv3")
+    branch_end, branch_end_bn = "conv3", None  # pre-activation: conv3's output is added as it is
 
     def __init__(
         self,
@@ -106,9 +107,12 @@ class Bottleneck(nn.Module):
             return [0, 0, 0]
         return [self.conv1.in_channels, self.conv1.out_channels, self.conv2.out_channels]
 
+    def shortcut_output(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, in_planes, H, W) -> (N, 4 * planes, H / stride, W / stride)
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = self.shortcut_output(x)
         if not self.has_branch:
             return shortcut
         out = self.bn1(x)

@@ -366,13 +366,16 @@ class Protocol:
 
     def _adopt_training_artifact(self, st: Stage) -> None:
         v = next(v for v in self.exp["variants"] if v["name"] == st.variant)
-        found = sorted((self.out / f"seed{st.seed}" / "large").rglob(v["from_training"]))
+        # callbacks write into the trainer's log directory, i.e. the large stage's TensorBoard run
+        places = [self.out / "tb" / "large" / f"seed{st.seed}", self.out / f"seed{st.seed}" / "large"]
+        found = [p for place in places for p in sorted(place.rglob(v["from_training"]))]
         if not found:
-            raise ExperimentError(f"the large run of seed {st.seed} wrote no {v['from_training']}; does the base "
-                                  "config (or large.args) attach the method's callback?")
+            raise ExperimentError(f"the large run of seed {st.seed} wrote no {v['from_training']} (looked in "
+                                  f"{places[0]} and {places[1]}); does the base config (or large.args) attach the "
+                                  "method's callback?")
         st.dir.mkdir(parents=True, exist_ok=True)
-        load_artifact(found[-1])  # validate before adopting
-        shutil.copyfile(found[-1], st.dir / "pruned.pt")
+        load_artifact(found[0])  # validate before adopting
+        shutil.copyfile(found[0], st.dir / "pruned.pt")
 
     def _execute(self, st: Stage, verbose: bool) -> None:
         st.dir.mkdir(parents=True, exist_ok=True)

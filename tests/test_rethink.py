@@ -442,3 +442,22 @@ def test_retraining_stage_under_ddp_writes_one_metrics_file_and_one_model(tmp_pa
     art = load_artifact(stage / "model.pt")
     assert art["architecture"] == load_artifact(artifact)["architecture"]
     assert (stage / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_variant_from_training_adopts_the_artifact_the_large_run_wrote(tmp_path: Path, monkeypatch) -> None:
+    # SFP prunes during training: its callback writes sfp-masked.pt into the large stage's log directory
+    method = tmp_path / "sfp.yaml"
+    method.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "callbacks.SoftFilterPruning", "init_args": {"prune_ratio": 0.3, "layers": ["*"]}}]}}))
+    config = _write_experiment(tmp_path / "sfp_tiny.yaml", seeds=[0], large={"args": [f"--config={method}"]},
+                               variants=[{"name": "sfp", "from_training": "sfp-masked.pt"}],
+                               regimes={"scratch_e": {}})
+    monkeypatch.setattr(Protocol, "_execute", _execute_in_process)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    Protocol(load_experiment(config), out).run()
+    written = sorted((out / "tb" / "large" / "seed0").rglob("sfp-masked.pt"))
+    adopted = out / "seed0" / "sfp" / "prune" / "pruned.pt"
+    assert len(written) == 1 and adopted.read_bytes() == written[0].read_bytes()
+    assert load_artifact(adopted)["provenance"]["method"] == "sfp"
+    assert json.loads((out / "seed0" / "sfp" / "scratch_e" / "metrics.json").read_text())["epochs"] == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,12 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
     # moved) would otherwise write there, leaving a stale last.ckpt for the next resume and for pruning.
     argv = ["--checkpoint.enable_version_counter=false", *argv,
             f"--checkpoint.dirpath={ckpt_dir}", f"--trainer.default_root_dir={stage}"]
-    cli = LitPruneCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
-                      save_config_kwargs={"overwrite": True})
+    with warnings.catch_warnings():
+        # sys.argv must keep the stage's arguments (DDP re-launches it for the other ranks), so LightningCLI
+        # sees both; its warning about that is noise in every stage.log
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = LitPruneCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
+                          save_config_kwargs={"overwrite": True})
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if weights is not None:
         load_weights_into(model, weights)

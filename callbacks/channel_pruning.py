@@ -5,7 +5,8 @@ Layer by layer, shallow to deep (paper-spec 5.2): for the channels that layer i+
 output positions of layer i+1 on training images. The inputs X come from the *current* network (already
 pruned up to here), the targets Y from a frozen copy of the *original* network, so errors do not
 accumulate. A LASSO on one coefficient per input channel (each channel's contribution ``Z_i`` to all
-outputs, flattened) selects the channels; its alpha is found by binary search (double from 1e-3 until
+outputs, flattened) selects the channels; its alpha is found by binary search (double from 1e-3, relative to the
+mean channel energy, until
 fewer than c' coefficients are non-zero, then bisect until the count lies in [c', 1.1 c']) and exactly c'
 channels are kept (largest |beta|). Layer i+1's weights on them are then refitted by least squares, and
 layer i's filters (with BN) and layer i+1's input slices are removed physically. Everything is computed
@@ -61,7 +62,9 @@ class ChannelPruning(ReconstructionPruning):
     """He et al.'s channel pruning: LASSO channel selection, then least-squares reconstruction of the next layer.
 
     Args:
-        alpha: starting alpha of the binary search (He et al.'s ``cfgs.alpha = 1e-3``).
+        alpha: starting alpha of the binary search (He et al.'s ``cfgs.alpha = 1e-3``), relative to the mean
+            contribution energy of the layer's channels so that the search does not depend on the scale of the
+            activations (the artifact records both the relative and the absolute value).
         rank_tol: the search stops once the non-zero count lies in [c', c' (1 + rank_tol)] (He et al.: 0.1).
         channel_sampler: add a channel selection in front of each residual block's first conv and prune it
             too (ImageNet ResNets of the zoo only; the 2x configuration). Their keep counts come from ``target``

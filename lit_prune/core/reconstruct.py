@@ -570,15 +570,17 @@ def lasso_select(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """He et al.'s LASSO channel selection with the binary search on alpha (paper-spec 5.2 step 2).
 
-    The upper bound starts at ``alpha`` and doubles until fewer than ``num_keep`` coefficients are
-    non-zero; then alpha is bisected until the non-zero count lies in ``[num_keep, num_keep (1 + rank_tol)]``
-    (or ``max_steps`` bisections pass: the smallest count >= num_keep seen is used). Exactly ``num_keep``
-    channels are kept: the largest |beta| (ties, and channels beyond the non-zeros, by their contribution
-    energy ``Q_jj``).
+    The search runs on the problem divided by the mean contribution energy (mean positive ``Q_jj``), so
+    ``alpha`` is relative and the search takes the same steps whatever the scale of the activations. The
+    upper bound starts at ``alpha`` and doubles until fewer than ``num_keep`` coefficients are non-zero
+    (it never passes ``max |q|``, where every coefficient is zero); then alpha is bisected until the non-zero
+    count lies in ``[num_keep, num_keep (1 + rank_tol)]`` (or ``max_steps`` LASSO solves pass: the smallest
+    count >= num_keep seen is used). Exactly ``num_keep`` channels are kept: the largest |beta| (ties, and
+    channels beyond the non-zeros, by their contribution energy ``Q_jj``).
 
     Returns:
-        ``(keep, info)``: a (C,) bool vector with exactly ``num_keep`` True, and ``{"alpha", "nonzero",
-        "steps"}`` of the solution used.
+        ``(keep, info)``: a (C,) bool vector with exactly ``num_keep`` True, and ``{"alpha", "alpha_relative",
+        "nonzero", "steps"}`` of the solution used (``alpha`` on the problem as given).
     """
     n = q_vec.numel()
     if not 0 <= num_keep <= n:
@@ -586,8 +588,11 @@ def lasso_select(
     qm = q_mat.detach().to(torch.float64).cpu().numpy()
     qv = q_vec.detach().to(torch.float64).cpu().numpy()
     diag = np.diagonal(qm).copy()
+    norm = float(diag[diag > 0].mean()) if (diag > 0).any() else 1.0
+    qm, qv = qm / norm, qv / norm  # scale-free: alpha is relative to the mean contribution energy
+    alpha_max = float(np.abs(qv).max(initial=0.0))  # at or above it every coefficient is zero
     if num_keep in (0, n):
-        beta, info = np.ones(n), {"alpha": 0.0, "nonzero": float(n), "steps": 0.0}
+        beta, info = np.ones(n), {"alpha": 0.0, "alpha_relative": 0.0, "nonzero": float(n), "steps": 0.0}
     else:
         # alpha = 0 is least squares: every channel with a contribution is non-zero
         lo, lo_beta, lo_nnz = 0.0, None, int((diag > 0).sum())
@@ -599,10 +604,10 @@ def lasso_select(
             if nnz < num_keep:
                 break
             lo, lo_beta, lo_nnz = hi, beta, nnz
-            if nnz <= num_keep * (1 + rank_tol):
-                hi = lo  # already inside the target range
+            if nnz <= num_keep * (1 + rank_tol) or hi >= alpha_max:
+                hi = lo  # already inside the target range (or nothing is left to search)
                 break
-            hi *= 2
+            hi = min(2 * hi, alpha_max)
         best = (lo_beta, lo, lo_nnz)
         while hi > lo and not (num_keep <= best[2] <= num_keep * (1 + rank_tol)) and steps < max_steps:
             mid = 0.5 * (lo + hi)
@@ -614,7 +619,7 @@ def lasso_select(
             else:
                 lo, best = mid, (beta, mid, nnz)
         beta = best[0] if best[0] is not None else lasso(qm, qv, 0.0)
-        info = {"alpha": best[1], "nonzero": float(best[2]), "steps": float(steps)}
+        info = {"alpha": best[1] * norm, "alpha_relative": best[1], "nonzero": float(best[2]), "steps": float(steps)}
     # rank: |beta| first, contribution energy second; stable sorts, so the lower index wins remaining ties
     order = np.argsort(-diag, kind="stable")
     order = order[np.argsort(-np.abs(beta[order]), kind="stable")]

@@ -265,8 +265,22 @@ def test_binary_search_starts_at_alpha_and_doubles() -> None:
     q_mat, q_vec = _random_problem(24, 2)
     _, info = lasso_select(q_mat, q_vec, 2, alpha=1e-3)
     # the doubling bracket is 1e-3 * 2^i; bisection then stays inside [1e-3 * 2^(i-1), 1e-3 * 2^i]
-    i = next(i for i in itertools.count() if 1e-3 * 2**i >= info["alpha"])
-    assert 1e-3 * 2 ** (i - 1) <= info["alpha"] <= 1e-3 * 2**i
+    rel = info["alpha_relative"]
+    i = next(i for i in itertools.count() if 1e-3 * 2**i >= rel)
+    assert 1e-3 * 2 ** (i - 1) <= rel <= 1e-3 * 2**i
+    # relative to the mean contribution energy: alpha on the problem as given is that times the mean diagonal
+    assert info["alpha"] == pytest.approx(rel * float(q_mat.diagonal().mean()))
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e30])
+def test_binary_search_does_not_depend_on_the_scale_of_the_activations(scale) -> None:
+    # a diverged network (activations ~1e25) once made the absolute search double alpha ~150 times
+    q_mat, q_vec = _random_problem(24, 3)
+    keep, info = lasso_select(q_mat, q_vec, 6)
+    keep_s, info_s = lasso_select(q_mat * scale, q_vec * scale, 6)
+    assert torch.equal(keep, keep_s)
+    assert info_s["steps"] == info["steps"] < 20
+    assert info_s["alpha_relative"] == pytest.approx(info["alpha_relative"])
 
 
 # ---- least squares -------------------------------------------------------------------------------------------

@@ -5,10 +5,9 @@ Layer by layer, shallow to deep (paper-spec 5.2): for the channels that layer i+
 output positions of layer i+1 on training images. The inputs X come from the *current* network (already
 pruned up to here), the targets Y from a frozen copy of the *original* network, so errors do not
 accumulate. A LASSO on one coefficient per input channel (each channel's contribution ``Z_i`` to all
-outputs, flattened) selects the channels; its alpha is found by binary search (double from 1e-3, relative to the
-mean channel energy, until
-fewer than c' coefficients are non-zero, then bisect until the count lies in [c', 1.1 c']) and exactly c'
-channels are kept (largest |beta|). Layer i+1's weights on them are then refitted by least squares, and
+outputs, flattened) selects the channels; its alpha is found by binary search (double from 1e-3, relative
+to the mean channel energy, until fewer than c' coefficients are non-zero, then bisect until the count lies
+in [c', 1.1 c']) and exactly c' channels are kept (largest |beta|). Layer i+1's weights on them are then refitted by least squares, and
 layer i's filters (with BN) and layer i+1's input slices are removed physically. Everything is computed
 from Gram statistics of the samples (:mod:`lit_prune.core.reconstruct`): He et al.'s code subsamples 400
 rows for its sklearn LASSO; here the quadratic form of all samples costs the same.

@@ -3,14 +3,14 @@ Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168).
 
 Layer by layer, shallow to deep (paper-spec 5.2): for the channels that layer i+1 reads, sample random
 output positions of layer i+1 on training images. The inputs X come from the *current* network (already
-pruned up to here), the targets Y from a frozen copy of the *original* network, so errors do not
-accumulate. A LASSO on one coefficient per input channel (each channel's contribution ``Z_i`` to all
-outputs, flattened) selects the channels; its alpha is found by binary search (double from 1e-3, relative
-to the mean channel energy, until fewer than c' coefficients are non-zero, then bisect until the count lies
-in [c', 1.1 c']) and exactly c' channels are kept (largest |beta|). Layer i+1's weights on them are then refitted by least squares, and
-layer i's filters (with BN) and layer i+1's input slices are removed physically. Everything is computed
-from Gram statistics of the samples (:mod:`lit_prune.core.reconstruct`): He et al.'s code subsamples 400
-rows for its sklearn LASSO; here the quadratic form of all samples costs the same.
+pruned up to here), the targets Y from a frozen copy of the *original* network, so errors do not accumulate.
+A LASSO on one coefficient per input channel (each channel's contribution ``Z_i`` to all outputs, flattened)
+selects the channels; its alpha is found by binary search (double from 1e-3, relative to the mean channel
+energy, until fewer than c' coefficients are non-zero, then bisect until the count lies in [c', 1.1 c']) and
+exactly c' channels are kept (largest |beta|). Layer i+1's weights on them are then refitted by least
+squares, and layer i's filters (with BN) and layer i+1's input slices are removed physically. Everything is
+computed from Gram statistics of the samples (:mod:`lit_prune.core.reconstruct`): He et al.'s code
+subsamples 400 rows for its sklearn LASSO; here the quadratic form of all samples costs the same.
 
 ResNets (paper-spec 5.2 step 5): only conv1 and conv2 of each bottleneck are pruned (their groups; the
 block output meets the shortcut). With ``channel_sampler: true`` every block also gets a channel sampler:
@@ -73,7 +73,8 @@ class ChannelPruning(ReconstructionPruning):
             (paper-spec 5.2 step 5) instead of the original branch output ``Y1`` alone.
         **kwargs: the arguments of :class:`~callbacks.reconstruction.ReconstructionPruning` (``target`` or
             ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ``positions_per_image``, ``seed``,
-            ``batch_size``, ``ridge``, ``artifact_path``).
+            ``batch_size``, ``ridge``, ``finetune_steps``, ``finetune_lr``, ``finetune_weight_decay``,
+            ``artifact_path``).
     """
 
     method = "channel_pruning"
@@ -89,14 +90,19 @@ class ChannelPruning(ReconstructionPruning):
         seed: int = 0,
         batch_size: int | None = None,
         ridge: float = 1e-4,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-3,
+        finetune_weight_decay: float = 1e-4,
         alpha: float = 1e-3,
         rank_tol: float = 0.1,
         channel_sampler: bool = False,
         shortcut_compensation: bool = True,
         artifact_path: str | None = "pruned.pt",
     ) -> None:
-        super().__init__(target, prune_ratio, layers, skip, num_images, positions_per_image, seed, batch_size,
-                         ridge, artifact_path)
+        super().__init__(target=target, prune_ratio=prune_ratio, layers=layers, skip=skip, num_images=num_images,
+                         positions_per_image=positions_per_image, seed=seed, batch_size=batch_size, ridge=ridge,
+                         finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                         finetune_weight_decay=finetune_weight_decay, artifact_path=artifact_path)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha (the binary search's starting LASSO weight) must be > 0, got {alpha!r}")
         if isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float)) or rank_tol < 0:

@@ -10,6 +10,13 @@ Data: the first ``num_images`` images of a seeded permutation of the training se
 dataloader at the end of training, or the prune CLI's ``--data-config``), in batches of ``batch_size``.
 Under DDP each rank takes every world_size-th of those images, sums its statistics, and an all-reduce
 (``strategy.reduce``, sum) gives every rank the same statistics; rank 0's decision is broadcast anyway.
+
+Optional fine-tuning between layers (ThiNet fine-tunes briefly after each layer, paper-spec 4.2 step 5):
+with ``finetune_steps > 0`` the copy takes that many SGD steps (momentum 0.9, cross-entropy on the training
+labels) after each pruned layer, before the next layer's statistics are collected. BatchNorm layers keep
+their running statistics during these steps (as in fine-tuning with frozen statistics), and under DDP
+each rank reads its own share of every batch and the gradients are averaged across ranks, so every rank
+keeps the same weights.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -57,6 +65,10 @@ class ReconstructionPruning(PruningCallback):
         seed: seed of the image permutation and of the position sampling.
         batch_size: images per forward pass while sampling; None uses the train loader's batch size.
         ridge: relative ridge of the least-squares refits (towards the unrefitted weights).
+        finetune_steps: SGD steps (batches per rank) of fine-tuning after each pruned layer; 0 (default) prunes
+            every layer without fine-tuning in between (fine-tune the artifact afterwards).
+        finetune_lr: learning rate of those steps (ThiNet: 0.001).
+        finetune_weight_decay: their weight decay.
         artifact_path: where the artifact is written (relative to the trainer's log directory); None writes none.
 
     Exactly one of ``target`` and ``prune_ratio`` is given.
@@ -78,6 +90,9 @@ class ReconstructionPruning(PruningCallback):
         seed: int = 0,
         batch_size: int | None = None,
         ridge: float = 1e-4,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-3,
+        finetune_weight_decay: float = 1e-4,
         artifact_path: str | None = "pruned.pt",
     ) -> None:
         super().__init__(artifact_path)
@@ -95,6 +110,15 @@ class ReconstructionPruning(PruningCallback):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
             raise ValueError(f"ridge must be a number >= 0 (relative to the Gram diagonal), got {ridge!r}")
+        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be an int >= 0 (0: no fine-tuning between layers), "
+                             f"got {finetune_steps!r}")
+        for name, value, low in (("finetune_lr", finetune_lr, 0.0), ("finetune_weight_decay", finetune_weight_decay,
+                                                                     None)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value == low:
+                raise ValueError(f"{name} must be a number {'> 0' if low is not None else '>= 0'}, got {value!r}")
+        self.finetune_steps, self.finetune_lr = finetune_steps, float(finetune_lr)
+        self.finetune_weight_decay = float(finetune_weight_decay)
         self.target, self.prune_ratio = target, prune_ratio
         self.layers, self.skip = (None if layers is None else list(layers)), list(skip or [])
         self.num_images, self.positions_per_image, self.seed = num_images, positions_per_image, seed
@@ -170,7 +194,8 @@ class ReconstructionPruning(PruningCallback):
             rec = self.broadcast(trainer, rec.cpu())  # identical on every rank already; rank 0's for safety
             apply_reconstruction(work, group, rec)
             self._keeps[name] = rec.keep
-            self._record(name, size, rec)
+            losses = self._finetune(work, dataloader, i, rank, world, reduce_fn) if self.finetune_steps else None
+            self._record(name, size, rec, losses)
         compact = getattr(work, "compact_blocks", None)
         if callable(compact) and any(not k.any() for k in self._keeps.values()):
             compact()  # models whose block names must stay contiguous renumber them (as prune_groups does)
@@ -237,27 +262,81 @@ class ReconstructionPruning(PruningCallback):
         return plan
 
 
+    # ---- fine-tuning between layers ------------------------------------------------------------------
+    def _finetune(
+        self, model: nn.Module, dataloader: Any, layer: int, rank: int, world: int, reduce_fn: ReduceFn | None
+    ) -> tuple[float, float]:
+        """``finetune_steps`` SGD steps on the pruned copy; returns rank 0's mean loss of the first and last steps.
+
+        BN keeps its running statistics (eval mode); gradients are averaged across ranks through ``reduce_fn``.
+        """
+        batch_size = self._batch_size(dataloader)
+        total = self._dataset_length(dataloader)
+        # a fresh seeded permutation per layer (repeated when the steps need more images than the dataset has)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7 + layer)
+        needed = self.finetune_steps * batch_size * world
+        order = torch.cat([torch.randperm(total, generator=g) for _ in range(-(-needed // total))])[:needed]
+        loader = self._subset_loader(dataloader, order[rank::world].tolist(), batch_size)
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(params, lr=self.finetune_lr, momentum=0.9, weight_decay=self.finetune_weight_decay)
+        device = next(iter(params)).device
+        losses = []
+        model.eval()  # frozen BN statistics: identical on every rank, and no drift from a few small batches
+        with torch.enable_grad():
+            for batch in loader:
+                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                    raise ValueError("finetune_steps needs (images, labels) batches from the training data")
+                loss = F.cross_entropy(model(batch[0].to(device)), batch[1].to(device))
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+                if reduce_fn is not None:  # what DDP would do: average the gradients of all ranks
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                    flat = reduce_fn(torch.cat([gr.flatten() for gr in grads])) / world
+                    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+                        p.grad = chunk.view_as(p).clone()
+                opt.step()
+                losses.append(float(loss.detach()))
+        model.zero_grad(set_to_none=True)
+        k = max(1, len(losses) // 4)
+        return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
     # ---- data ----------------------------------------------------------------------------------------
     def _sample_loader(self, dataloader: Any, rank: int, world: int) -> DataLoader:
         """This rank's share of the first ``num_images`` images of a seeded permutation of the dataset."""
+        total = self._dataset_length(dataloader)
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[: self.num_images]
+        return self._subset_loader(dataloader, order[rank::world].tolist(), self._batch_size(dataloader))
+
+    @staticmethod
+    def _unwrap_loader(dataloader: Any) -> Any:
         if isinstance(dataloader, dict):
-            dataloader = next(iter(dataloader.values()))
-        elif isinstance(dataloader, (list, tuple)):
-            dataloader = dataloader[0]
-        dataset = getattr(dataloader, "dataset", dataloader)
+            return next(iter(dataloader.values()))
+        if isinstance(dataloader, (list, tuple)):
+            return dataloader[0]
+        return dataloader
+
+    def _dataset_length(self, dataloader: Any) -> int:
+        dataset = getattr(self._unwrap_loader(dataloader), "dataset", self._unwrap_loader(dataloader))
         try:
-            total = len(dataset)
+            return len(dataset)
         except TypeError:
             raise ValueError(f"{type(self).__name__} samples images by index: the training dataset "
                              f"({type(dataset).__name__}) must be a map-style dataset with a length") from None
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[: self.num_images]
-        shard = order[rank::world].tolist()
-        batch_size = self.batch_size or getattr(dataloader, "batch_size", None) or 64
+
+    def _batch_size(self, dataloader: Any) -> int:
+        return self.batch_size or getattr(self._unwrap_loader(dataloader), "batch_size", None) or 64
+
+    def _subset_loader(self, dataloader: Any, indices: list[int], batch_size: int) -> DataLoader:
+        """A loader over ``indices`` of the training dataset, in order, with the original collate and workers."""
+        dataloader = self._unwrap_loader(dataloader)
+        dataset = getattr(dataloader, "dataset", dataloader)
         workers = getattr(dataloader, "num_workers", 0) if isinstance(dataloader, DataLoader) else 0
         kwargs: dict[str, Any] = {"persistent_workers": True} if workers > 0 else {}  # one pass per layer
         if isinstance(dataloader, DataLoader):
             kwargs["collate_fn"] = dataloader.collate_fn
-        return DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=workers,
+        return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
                           **kwargs)
 
     # ---- reporting -----------------------------------------------------------------------------------
@@ -266,13 +345,16 @@ class ReconstructionPruning(PruningCallback):
         """One entry per pruned layer of the last :meth:`prune`: kept/total, errors, samples."""
         return [dict(r) for r in self._results]
 
-    def _record(self, name: str, size: int, rec: Reconstruction) -> None:
+    def _record(self, name: str, size: int, rec: Reconstruction, losses: tuple[float, float] | None) -> None:
         entry: dict[str, Any] = {"layer": name, "kept": int(rec.keep.sum()), "total": size,
                                  "error_removed": rec.error_removed, "error_reconstructed": rec.error_reconstructed,
                                  "samples": rec.samples}
         entry.update({k: float(v) for k, v in rec.lasso.items()})
-        self._results.append(entry)
         extra = f", lasso alpha {rec.lasso['alpha']:.3g} ({int(rec.lasso['nonzero'])} non-zero)" if rec.lasso else ""
+        if losses is not None:
+            entry["finetune_loss_first"], entry["finetune_loss_last"] = losses
+            extra += f"; fine-tuned {self.finetune_steps} steps, loss {losses[0]:.4g} -> {losses[1]:.4g}"
+        self._results.append(entry)
         rank_zero_info(
             f"{self.method}: {name} kept {entry['kept']}/{size} channels; relative reconstruction error "
             f"{rec.error_removed:.4g} removed -> {rec.error_reconstructed:.4g} refitted ({rec.samples} samples{extra})"

@@ -8,9 +8,9 @@ summed contributions have the smallest energy, rescale each kept input slice of 
 then remove layer i's filters (with their BN) and layer i+1's input slices physically. The statistics are
 Gram matrices (C x C), not samples: see :mod:`lit_prune.core.reconstruct`.
 
-Not done here: ThiNet fine-tunes about one epoch after each layer. This callback prunes every layer in one
-pass without fine-tuning in between (a later issue); fine-tune the artifact afterwards (the paper's
-"fine-tuned" regime).
+ThiNet fine-tunes briefly after each layer (about an epoch at lr 0.001) and longer at the end:
+``finetune_steps`` / ``finetune_lr`` give the short fine-tunes (off by default); the final one is the
+paper's "fine-tuned" regime, run on the artifact.
 
 The paper's targets are named width configs: VGG-16 ThiNet-Conv (conv1_1 ... conv4_3 halved, conv5 and the
 FC layers whole) and ResNet-50 ThiNet-30/50/70 (conv1 and conv2 of every bottleneck; the block output and
@@ -54,7 +54,8 @@ class ThiNetPruning(ReconstructionPruning):
 
     Arguments are those of :class:`~callbacks.reconstruction.ReconstructionPruning` (``target`` or
     ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ``positions_per_image``, ``seed``, ``batch_size``,
-    ``ridge``, ``artifact_path``). Each layer's statistics come from the current, already pruned network.
+    ``ridge``, ``finetune_steps``, ``finetune_lr``, ``finetune_weight_decay``, ``artifact_path``). Each layer's
+    statistics come from the current, already pruned (and, with ``finetune_steps``, fine-tuned) network.
     """
 
     method = "thinet"

@@ -54,6 +54,12 @@ def test_constructor_validation() -> None:
         ThiNetPruning(prune_ratio=0.5, positions_per_image=-1)
     with pytest.raises(ValueError, match="ridge"):
         ThiNetPruning(prune_ratio=0.5, ridge=-1.0)
+    with pytest.raises(ValueError, match="finetune_steps must be an int >= 0"):
+        ThiNetPruning(prune_ratio=0.5, finetune_steps=-1)
+    with pytest.raises(ValueError, match="finetune_lr must be a number > 0"):
+        ThiNetPruning(prune_ratio=0.5, finetune_steps=5, finetune_lr=0)
+    with pytest.raises(ValueError, match="finetune_weight_decay must be a number >= 0"):
+        ThiNetPruning(prune_ratio=0.5, finetune_weight_decay=-1e-4)
 
 
 def test_thinet70_target_on_resnet50_prunes_conv1_and_conv2_of_every_bottleneck() -> None:
@@ -107,6 +113,40 @@ def test_prune_without_trainer_records_the_sampling_and_leaves_the_model_alone()
     again = ThiNetPruning(prune_ratio=0.5, num_images=24, positions_per_image=5, seed=3, artifact_path=None)
     art2 = again.prune(model, dataloader=_loader())
     assert all(torch.equal(art["state_dict"][k], v) for k, v in art2["state_dict"].items())
+
+
+def _learnable(n: int = 64) -> DataLoader:
+    # the label is the sign of the mean of the red channel: a fine-tune can learn it in a few steps
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    return DataLoader(TensorDataset(x, (x[:, 0].mean(dim=(1, 2)) > 0).long()), batch_size=16)
+
+
+def _loss(net: torch.nn.Module, loader: DataLoader) -> float:
+    with torch.no_grad():
+        return sum(float(torch.nn.functional.cross_entropy(net(x), y)) for x, y in loader) / len(loader)
+
+
+@pytest.mark.parametrize("cls", ["thinet", "channel_pruning"])
+def test_fine_tuning_between_layers_lowers_the_loss_and_feeds_the_next_layer(cls) -> None:
+    from callbacks import ChannelPruning
+
+    make = ThiNetPruning if cls == "thinet" else ChannelPruning
+    model, data = _model(), _learnable()
+    runs = {}
+    for steps in (0, 12):
+        cb = make(prune_ratio=0.5, layers=["features.0", "features.4"], num_images=32, finetune_steps=steps,
+                  finetune_lr=0.05, artifact_path=None)
+        art = cb.prune(model, dataloader=data)
+        runs[steps] = (cb.results, _loss(build_model(art).eval(), data), art)
+    (plain, plain_loss, _), (tuned, tuned_loss, tuned_art) = runs[0], runs[12]
+    assert tuned_loss < plain_loss
+    assert all("finetune_loss_first" not in r for r in plain)
+    assert all(r["finetune_loss_last"] < r["finetune_loss_first"] for r in tuned)
+    assert tuned_art["provenance"]["settings"]["finetune_steps"] == 12
+    # the first layer's decision is the same; the second one reads the fine-tuned network
+    assert plain[0]["error_reconstructed"] == tuned[0]["error_reconstructed"]
+    assert plain[1]["error_removed"] != tuned[1]["error_removed"]
 
 
 def test_a_residual_branch_pruned_to_zero_vanishes() -> None:
@@ -253,7 +293,9 @@ def run_ddp(tmp_path: Path, probe: str, class_path: str, init_args: dict) -> tup
 
 
 def test_ddp_ranks_share_statistics_and_write_one_artifact(tmp_path: Path) -> None:
-    run, ranks = run_ddp(tmp_path, PROBE, "ddp_probe.ProbeThiNet", {"prune_ratio": 0.5, "num_images": 32})
+    # with fine-tuning between layers: identical weights on both ranks need the gradients averaged
+    run, ranks = run_ddp(tmp_path, PROBE, "ddp_probe.ProbeThiNet",
+                         {"prune_ratio": 0.5, "num_images": 32, "finetune_steps": 2, "finetune_lr": 0.05})
     # each rank sampled its own half of the 32 images ...
     assert len(ranks[0]["images"]) == len(ranks[1]["images"]) == 16
     assert not set(ranks[0]["images"]) & set(ranks[1]["images"])
@@ -269,3 +311,4 @@ def test_ddp_ranks_share_statistics_and_write_one_artifact(tmp_path: Path) -> No
     art = load_artifact(artifacts[0])
     assert art["architecture"]["kwargs"]["cfg"] == HALF
     assert art["provenance"]["settings"]["num_images"] == 32
+    assert all("finetune_loss_last" in r for r in art["provenance"]["settings"]["layer_results"])

@@ -21,6 +21,8 @@ def test_paper_schedules():
     assert milestones_for("multistep", 243) == [121, 182]  # Scratch-B of VGG-16-A stretches with max_epochs
     assert milestones_for("step", 90, step_size=30) == [30, 60]
     assert milestones_for("constant", 40) == []
+    assert milestones_for("multistep", 1) == []  # not [0, 0]: the LR of a one-epoch run starts where it should
+    assert milestones_for("multistep", 2) == [1, 1]
     sfp = PiecewiseConstant([1, 60, 120, 160], [10, 0.2, 0.2, 0.2])  # SFP: 0.01 then 0.1, 0.02, 0.004, 0.0008
     assert [round(0.01 * sfp(e), 6) for e in (0, 1, 59, 60, 120, 160, 199)] == [
         0.01, 0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008]

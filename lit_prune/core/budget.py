@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from lit_prune.core.schedule import milestones_for
+
 RULES = ("fractions", "thirds", "scale", "multiples")
 
 
@@ -71,11 +73,8 @@ def scratch_b_budget(
         raise ValueError(f"unknown Scratch-B rule {rule!r}; choose one of {', '.join(RULES)}")
     factor = ratio if cap is None else min(ratio, cap)
     epochs = int(base_epochs * factor)
-    if rule == "fractions":
-        milestones = [int(0.5 * epochs), int(0.75 * epochs)]
-    elif rule == "thirds":
-        step = max(epochs // 3, 1)
-        milestones = list(range(step, epochs, step))
+    if rule in ("fractions", "thirds"):  # the training scripts' own defaults, at the new length
+        milestones = milestones_for("multistep" if rule == "fractions" else "step", epochs)
     else:
         if not base_milestones:
             raise ValueError(f"the {rule!r} rule needs base_milestones (the large model's LR milestones)")

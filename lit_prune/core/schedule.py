@@ -47,7 +47,8 @@ def milestones_for(
         return []
     if schedule == "multistep":
         if milestones is None:
-            return [int(0.5 * max_epochs), int(0.75 * max_epochs)]
+            # a milestone at epoch 0 would cut the LR before any training (runs of one epoch): none then
+            return [m for m in (int(0.5 * max_epochs), int(0.75 * max_epochs)) if m >= 1]
         return [int(m) for m in milestones]
     if schedule == "step":
         step = step_size or max(max_epochs // 3, 1)

@@ -3,6 +3,7 @@
     python -m lit_prune.flops cifar_vgg16 --width-config A
     python -m lit_prune.flops cifar_resnet56 --width-config '[6, 6, ...]' --json
     python -m lit_prune.flops runs/pruned.pt          # a pruned artifact
+    python -m lit_prune.flops runs/pruned.pt --scratch-b 160   # + its Scratch-B epochs and LR milestones
     python -m lit_prune.flops --list
 
 The counting convention is documented in :mod:`lit_prune.core.flops`.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_prune.artifact import build_model, load_artifact
+from lit_prune.core.budget import RULES, scratch_b_budget
 from lit_prune.core.flops import FlopsReport, count_flops
 from lit_prune.models import create_model, list_models, list_width_configs
 
@@ -50,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nonzero", action="store_true", help="count only non-zero conv/linear weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--list", action="store_true", help="list registered models and width configs")
+    budget = parser.add_argument_group("Scratch-B budget of an artifact (paper-spec 1.3)")
+    budget.add_argument("--scratch-b", type=int, metavar="EPOCHS", help="the large model's epochs (160 on CIFAR)")
+    budget.add_argument("--rule", choices=RULES, default="fractions",
+                        help="milestones: fractions (CIFAR), thirds (ImageNet), scale (SFP), multiples (SSS)")
+    budget.add_argument("--cap", type=float, help="largest stretch (the paper's 2.0 on ImageNet)")
+    budget.add_argument("--base-milestones", type=int, nargs="+", metavar="E",
+                        help="the large model's LR milestones (rules scale and multiples)")
     args = parser.parse_args(argv)
 
     if args.list:
@@ -74,7 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    if args.scratch_b is not None and "dense" not in extra:
+        parser.error("--scratch-b needs a pruned artifact (its unpruned FLOPs give the ratio r)")
     report = count_flops(model, tuple(args.input_size) if args.input_size else None, nonzero=args.nonzero)
+    if args.scratch_b is not None:
+        ratio = extra["dense"]["macs"] / max(report.macs, 1)
+        try:
+            extra["scratch_b"] = scratch_b_budget(args.scratch_b, ratio, rule=args.rule, cap=args.cap,
+                                                  base_milestones=args.base_milestones).to_dict()
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps({**extra, **report.to_dict()}))
     else:
@@ -83,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             d = extra["dense"]
             print(f"unpruned: {d['macs']:,} MACs, {d['params']:,} parameters; "
                   f"FLOPs ratio {d['macs'] / max(report.macs, 1):.3f} ({extra['method']})")
+        if "scratch_b" in extra:
+            b = extra["scratch_b"]
+            print(f"Scratch-B: {b['epochs']} epochs (x{b['factor']:.3f} of {args.scratch_b}), LR milestones "
+                  f"{b['milestones']}; train.py fit ... --model.artifact {args.model} --model.regime scratch "
+                  f"--trainer.max_epochs {b['epochs']} --model.schedule multistep "
+                  f"--model.milestones '{json.dumps(b['milestones'])}'")
     return 0
 
 

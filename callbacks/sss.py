@@ -50,6 +50,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -246,6 +247,9 @@ class SparseStructureSelection(PruningCallback):
         keeps = self.broadcast(trainer, self.select(model))
         self._removed = sorted({p.rpartition(".")[0] for p in gates if gates[p].value == 0.0})
         self._total = len(gates)
+        if self._removed and len(self._removed) == self._total:
+            rank_zero_warn(f"SSS removes every one of the {self._total} residual blocks: the exported network is "
+                           "its shortcuts only. gamma (the sparsity penalty) is probably too large for this run")
         target = copy.deepcopy(model) if is_zoo_model(model) else model
         prune_groups(target, keeps)  # zero-factor blocks become their shortcut (their gate goes with them)
         fold_gates_(target)  # the others absorb lambda_b into their branch: the network is ungated

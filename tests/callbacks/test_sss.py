@@ -187,6 +187,17 @@ def test_no_zero_factor_exports_the_folded_full_model(tmp_path: Path) -> None:
         torch.testing.assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_removing_every_block_warns_that_gamma_is_too_large() -> None:
+    model = create_model("cifar_resnet20", cfg=CFG20, gates=True).eval()
+    with torch.no_grad():
+        for gate in block_gates(model).values():
+            gate.weight.zero_()
+    cb = SparseStructureSelection(artifact_path=None)
+    with pytest.warns(UserWarning, match="removes every one of the 9 residual blocks.*gamma"):
+        art = cb.prune(model)
+    assert art["architecture"]["kwargs"]["cfg"] == [0] * 9
+
+
 # ---- resume ---------------------------------------------------------------------------------------
 
 

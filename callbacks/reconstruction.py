@@ -277,9 +277,9 @@ class ReconstructionPruning(PruningCallback):
         needed = self.finetune_steps * batch_size * world
         order = torch.cat([torch.randperm(total, generator=g) for _ in range(-(-needed // total))])[:needed]
         loader = self._subset_loader(dataloader, order[rank::world].tolist(), batch_size)
-        params = [p for p in model.parameters() if p.is_floating_point()]
-        for p in params:
-            p.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters stay frozen
+        if not params:
+            raise ValueError("finetune_steps > 0 but no parameter of the model requires grad")
         opt = torch.optim.SGD(params, lr=self.finetune_lr, momentum=0.9, weight_decay=self.finetune_weight_decay)
         device = next(iter(params)).device
         losses = []

@@ -10,6 +10,8 @@ Data: the first ``num_images`` images of a seeded permutation of the training se
 dataloader at the end of training, or the prune CLI's ``--data-config``), in batches of ``batch_size``.
 Under DDP each rank takes every world_size-th of those images, sums its statistics, and an all-reduce
 (``strategy.reduce``, sum) gives every rank the same statistics; rank 0's decision is broadcast anyway.
+While a layer's statistics are collected, rank 0 logs its progress every ``progress_seconds`` (10 s), and
+one line per layer gives the decision and its reconstruction errors.
 
 Optional fine-tuning between layers (ThiNet fine-tunes briefly after each layer, paper-spec 4.2 step 5):
 with ``finetune_steps > 0`` the copy takes that many SGD steps (momentum 0.9, cross-entropy on the training
@@ -22,6 +24,7 @@ keeps the same weights.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +47,27 @@ def _positive_int(value: Any, name: str, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int{hint}, got {value!r}")
     return value
+
+
+class _Progress:
+    """Iterates a loader, logging on rank 0 how many of this rank's images have been read (at most every
+    ``every`` seconds), so that a layer whose statistics take minutes shows that it is moving."""
+
+    def __init__(self, loader: DataLoader, label: str, every: float) -> None:
+        self.loader, self.label, self.every = loader, label, every
+        self.total = len(loader.dataset)
+
+    def __iter__(self) -> Any:
+        seen, start = 0, time.monotonic()
+        last = start
+        for batch in self.loader:
+            yield batch
+            seen += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
+            now = time.monotonic()
+            if now - last >= self.every and seen < self.total:
+                rank_zero_info(f"{self.label}: {seen}/{self.total} images ({100 * seen / self.total:.0f}%), "
+                               f"{now - start:.0f} s")
+                last = now
 
 
 class ReconstructionPruning(PruningCallback):
@@ -78,6 +102,8 @@ class ReconstructionPruning(PruningCallback):
     needs_data = True
     #: nothing is masked during training: the method prunes once, at the end
     enforce_masks = False
+    #: seconds between progress lines while one layer's statistics are being collected
+    progress_seconds = 10.0
 
     def __init__(
         self,
@@ -190,7 +216,8 @@ class ReconstructionPruning(PruningCallback):
                 rank_zero_info(f"{self.method}: {name} kept 0/{size} channels: its residual branch is removed")
                 continue
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + i * 7919 + rank * 104_729) % 2**63)
-            rec = self.reconstruct_group(work, reference, group, num_keep, loader, generator, reduce_fn)
+            batches = _Progress(loader, f"{self.method}: {name} (layer {i + 1}/{len(plan)})", self.progress_seconds)
+            rec = self.reconstruct_group(work, reference, group, num_keep, batches, generator, reduce_fn)
             rec = self.broadcast(trainer, rec.cpu())  # identical on every rank already; rank 0's for safety
             apply_reconstruction(work, group, rec)
             self._keeps[name] = rec.keep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -147,6 +148,17 @@ def test_fine_tuning_between_layers_lowers_the_loss_and_feeds_the_next_layer(cls
     # the first layer's decision is the same; the second one reads the fine-tuned network
     assert plain[0]["error_reconstructed"] == tuned[0]["error_reconstructed"]
     assert plain[1]["error_removed"] != tuned[1]["error_removed"]
+
+
+def test_progress_is_logged_while_a_layer_collects_its_statistics(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(ThiNetPruning, "progress_seconds", 0.0)  # a line after every batch but the last
+    cb = ThiNetPruning(prune_ratio=0.5, layers=["features.0", "features.4"], num_images=32, artifact_path=None)
+    with caplog.at_level(logging.INFO):
+        cb.prune(_model(), dataloader=_loader())  # 2 batches of 16
+    lines = [r.getMessage() for r in caplog.records]
+    assert "thinet: features.0 (layer 1/2): 16/32 images (50%), 0 s" in lines
+    assert any(m.startswith("thinet: features.4 (layer 2/2): 16/32 images") for m in lines)
+    assert not any("32/32 images" in m for m in lines)  # the per-layer result line follows instead
 
 
 def test_a_residual_branch_pruned_to_zero_vanishes() -> None:

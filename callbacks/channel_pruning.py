@@ -5,8 +5,8 @@ Layer by layer, shallow to deep (paper-spec 5.2): for the channels that layer i+
 output positions of layer i+1 on training images. The inputs X come from the *current* network (already
 pruned up to here), the targets Y from a frozen copy of the *original* network, so errors do not accumulate.
 A LASSO on one coefficient per input channel (each channel's contribution ``Z_i`` to all outputs, flattened)
-selects the channels; its alpha is found by binary search (double from 1e-3, relative to the mean channel
-energy, until fewer than c' coefficients are non-zero, then bisect until the count lies in [c', 1.1 c']) and
+selects the channels; its alpha is found by binary search until between c' and 1.1 c' coefficients are
+non-zero (He et al.'s window; bracketed from above, see :func:`lit_prune.core.reconstruct.lasso_select`) and
 exactly c' channels are kept (largest |beta|). Layer i+1's weights on them are then refitted by least
 squares, and layer i's filters (with BN) and layer i+1's input slices are removed physically. Everything is
 computed from Gram statistics of the samples (:mod:`lit_prune.core.reconstruct`): He et al.'s code
@@ -61,9 +61,6 @@ class ChannelPruning(ReconstructionPruning):
     """He et al.'s channel pruning: LASSO channel selection, then least-squares reconstruction of the next layer.
 
     Args:
-        alpha: starting alpha of the binary search (He et al.'s ``cfgs.alpha = 1e-3``), relative to the mean
-            contribution energy of the layer's channels so that the search does not depend on the scale of the
-            activations (the artifact records both the relative and the absolute value).
         rank_tol: the search stops once the non-zero count lies in [c', c' (1 + rank_tol)] (He et al.: 0.1).
         channel_sampler: add a channel selection in front of each residual block's first conv and prune it
             too (ImageNet ResNets of the zoo only; the 2x configuration). Their keep counts come from ``target``
@@ -93,7 +90,6 @@ class ChannelPruning(ReconstructionPruning):
         finetune_steps: int = 0,
         finetune_lr: float = 1e-3,
         finetune_weight_decay: float = 1e-4,
-        alpha: float = 1e-3,
         rank_tol: float = 0.1,
         channel_sampler: bool = False,
         shortcut_compensation: bool = True,
@@ -103,11 +99,9 @@ class ChannelPruning(ReconstructionPruning):
                          positions_per_image=positions_per_image, seed=seed, batch_size=batch_size, ridge=ridge,
                          finetune_steps=finetune_steps, finetune_lr=finetune_lr,
                          finetune_weight_decay=finetune_weight_decay, artifact_path=artifact_path)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha (the binary search's starting LASSO weight) must be > 0, got {alpha!r}")
         if isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float)) or rank_tol < 0:
             raise ValueError(f"rank_tol must be a number >= 0 (He et al. use 0.1), got {rank_tol!r}")
-        self.alpha, self.rank_tol, self.channel_sampler = float(alpha), float(rank_tol), bool(channel_sampler)
+        self.rank_tol, self.channel_sampler = float(rank_tol), bool(channel_sampler)
         self.shortcut_compensation = bool(shortcut_compensation)
 
     @override
@@ -147,6 +141,6 @@ class ChannelPruning(ReconstructionPruning):
             )
         return channel_pruning_group(
             model, group, batches, num_keep, original=reference, positions_per_image=self.positions_per_image,
-            generator=generator, reduce_fn=reduce_fn, alpha=self.alpha, rank_tol=self.rank_tol, ridge=self.ridge,
+            generator=generator, reduce_fn=reduce_fn, rank_tol=self.rank_tol, ridge=self.ridge,
             compensate_shortcut=self.shortcut_compensation,
         )

@@ -30,8 +30,6 @@ def _loader(n: int = 32, size: int = 32) -> DataLoader:
 
 
 def test_constructor_validation() -> None:
-    with pytest.raises(ValueError, match="alpha"):
-        ChannelPruning(prune_ratio=0.5, alpha=0)
     with pytest.raises(ValueError, match="rank_tol"):
         ChannelPruning(prune_ratio=0.5, rank_tol=-0.1)
     with pytest.raises(ValueError, match="exactly one of target"):
@@ -108,7 +106,8 @@ def test_fit_writes_a_loadable_artifact_with_the_requested_widths(tmp_path: Path
     raw = torch.load(path, weights_only=True)
     assert raw["architecture"]["kwargs"]["cfg"] == HALF[:-1] + [8]
     assert raw["provenance"]["method"] == "channel_pruning"
-    assert raw["provenance"]["settings"]["alpha"] == 1e-3
+    assert raw["provenance"]["settings"]["rank_tol"] == 0.1
+    assert all(0 < r["alpha_fraction"] < 1 for r in raw["provenance"]["settings"]["layer_results"])
     assert load_model(path)(torch.randn(2, 3, 32, 32)).shape == (2, tiny_data.num_classes)
 
 

@@ -261,26 +261,26 @@ def test_binary_search_keeps_exactly_c_prime_channels(num_keep) -> None:
     assert set(torch.as_tensor(beta).nonzero().flatten().tolist()) >= set(keep.nonzero().flatten().tolist())
 
 
-def test_binary_search_starts_at_alpha_and_doubles() -> None:
+def test_binary_search_brackets_alpha_from_above_by_halving() -> None:
     q_mat, q_vec = _random_problem(24, 2)
-    _, info = lasso_select(q_mat, q_vec, 2, alpha=1e-3)
-    # the doubling bracket is 1e-3 * 2^i; bisection then stays inside [1e-3 * 2^(i-1), 1e-3 * 2^i]
-    rel = info["alpha_relative"]
-    i = next(i for i in itertools.count() if 1e-3 * 2**i >= rel)
-    assert 1e-3 * 2 ** (i - 1) <= rel <= 1e-3 * 2**i
-    # relative to the mean contribution energy: alpha on the problem as given is that times the mean diagonal
-    assert info["alpha"] == pytest.approx(rel * float(q_mat.diagonal().mean()))
+    _, info = lasso_select(q_mat, q_vec, 2)
+    # every coefficient is zero at alpha_max = max |q|; halving gives the bracket alpha_max 2^-(i+1) .. 2^-i
+    fraction = info["alpha_fraction"]
+    assert info["alpha"] == pytest.approx(fraction * float(q_vec.abs().max()))
+    i = next(i for i in itertools.count(1) if 2.0 ** -i <= fraction)
+    assert 2.0 ** -i <= fraction <= 2.0 ** -(i - 1)
+    assert not lasso(q_mat.numpy(), q_vec.numpy(), float(q_vec.abs().max())).any()
 
 
 @pytest.mark.parametrize("scale", [1e-20, 1e30])
 def test_binary_search_does_not_depend_on_the_scale_of_the_activations(scale) -> None:
-    # a diverged network (activations ~1e25) once made the absolute search double alpha ~150 times
+    # an absolute starting alpha once made the search double ~150 times on a diverged network (activations ~1e25)
     q_mat, q_vec = _random_problem(24, 3)
     keep, info = lasso_select(q_mat, q_vec, 6)
     keep_s, info_s = lasso_select(q_mat * scale, q_vec * scale, 6)
     assert torch.equal(keep, keep_s)
     assert info_s["steps"] == info["steps"] < 20
-    assert info_s["alpha_relative"] == pytest.approx(info["alpha_relative"])
+    assert info_s["alpha_fraction"] == pytest.approx(info["alpha_fraction"])
 
 
 # ---- least squares -------------------------------------------------------------------------------------------

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.scratch_b is not None and "dense" not in extra:
         parser.error("--scratch-b needs a pruned artifact (its unpruned FLOPs give the ratio r)")
+    if args.scratch_b is not None and args.input_size:
+        parser.error("--scratch-b uses the artifact's unpruned FLOPs, counted at the model's own input size: "
+                     "drop --input-size")
     report = count_flops(model, tuple(args.input_size) if args.input_size else None, nonzero=args.nonzero)
     if args.scratch_b is not None:
         ratio = extra["dense"]["macs"] / max(report.macs, 1)

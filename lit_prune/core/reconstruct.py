@@ -60,7 +60,7 @@ __all__ = [
     "GramStats",
     "Reconstruction",
     "apply_reconstruction",
-    "branch_scale",
+    "branch_affine",
     "channel_pruning_group",
     "collect_regression_stats",
     "collect_thinet_stats",
@@ -263,7 +263,7 @@ def _inputs_of(model: nn.Module, paths: tuple[str, ...], x: torch.Tensor) -> lis
 
 def residual_block_of(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
     """The residual block whose branch ends in the conv ``path`` (:class:`~lit_prune.models.base.ResidualBlock`:
-    ``branch_end``, ``shortcut_output``, ``branch_scale``), or None when ``path`` does not end a branch."""
+    ``branch_end``, ``shortcut_output``, ``branch_affine``), or None when ``path`` does not end a branch."""
     block_path, _, leaf = path.rpartition(".")
     block = model.get_submodule(block_path) if block_path else model
     if getattr(block, "branch_end", None) == leaf and callable(getattr(block, "shortcut_output", None)):
@@ -271,9 +271,10 @@ def residual_block_of(model: nn.Module, path: str) -> tuple[str, nn.Module] | No
     return None
 
 
-def branch_scale(model: nn.Module, block_path: str) -> torch.Tensor:
-    """(n,) float64 factor from a residual block's end conv to the branch output that meets the shortcut."""
-    return model.get_submodule(block_path).branch_scale().detach().to(torch.float64)
+def branch_affine(model: nn.Module, block_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) float64 ``(a, b)``: a residual block's branch adds ``a * z + b`` for its end conv's output ``z``."""
+    a, b = model.get_submodule(block_path).branch_affine()
+    return a.detach().to(torch.float64), b.detach().to(torch.float64)
 
 
 def _images(batch: Any, device: torch.device) -> torch.Tensor:
@@ -435,15 +436,19 @@ def collect_regression_stats(
             ``original`` is given, aim at ``Y1 + Y2 - Y2'`` (paper-spec 5.2 step 5): the original branch
             output plus the original shortcut minus the current network's shortcut, so that the refitted
             branch makes up for the error the shortcut already carries. These targets live where the two
-            paths are added, after the end conv's BN and gate: ``a Y1 + Y2 - Y2'`` with ``a`` the
-            per-channel :meth:`~lit_prune.models.base.ResidualBlock.branch_scale`, so the regressors'
-            weights must be scaled by ``a`` too (:func:`channel_pruning_group` does).
+            paths are added, after the end conv's BN and gate
+            (:meth:`~lit_prune.models.base.ResidualBlock.branch_affine`: ``a z + b``): the original's
+            ``a Y1 + b`` plus ``Y2 - Y2'``, minus the current network's ``b'`` (which differs from ``b`` once
+            fine-tuning between layers has moved the BN), so the regressors' weights must be scaled by the
+            current ``a'`` (:func:`channel_pruning_group` does).
     """
     path, consumer = consumer_of(model, group)
     c = group_size(model, group)
     weight = _weight3(consumer, c)
     residual = residual_block_of(model, path) if compensate_shortcut and original is not None else None
-    scale = None if residual is None else branch_scale(original, residual[0])
+    if residual is not None:
+        scale, shift = branch_affine(original, residual[0])
+        shift = shift - branch_affine(model, residual[0])[1]  # b - b'
     if original is not None:
         ref_path, ref = consumer_of(original, group)
         ref_c = group_size(original, group)
@@ -482,7 +487,7 @@ def collect_regression_stats(
             sc = block.shortcut_output(x_block)[img, :, row, col]
             img, row, col = (t.to(x_ref_block.device) for t in index)
             sc_ref = ref_block.shortcut_output(x_ref_block)[img, :, row, col]
-            y = y * scale.to(y.device) + (sc_ref.to(y) - sc.to(y))
+            y = y * scale.to(y.device) + shift.to(y.device) + (sc_ref.to(y) - sc.to(y))
         stats.update(patches.flatten(1), y)
     return stats.reduce(reduce_fn)
 
@@ -591,8 +596,10 @@ def lasso_select(
     diag = np.diagonal(qm).copy()
     alpha_max = float(np.abs(qv).max(initial=0.0))  # at or above it every coefficient is zero
     window = num_keep * (1 + rank_tol)
-    beta, best, steps = np.zeros(n), None, 0
-    if 0 < num_keep < n and alpha_max > 0:
+    live = diag > 0  # channels that contribute at all; only they can be non-zero
+    beta, best, steps = live.astype(np.float64), None, 0
+    if 0 < num_keep < int(live.sum()) and alpha_max > 0:
+        beta = np.zeros(n)
         hi = alpha_max  # count 0 < num_keep
         while steps < max_steps:  # halve down until at least num_keep coefficients are non-zero
             alpha = hi / 2
@@ -612,7 +619,7 @@ def lasso_select(
                 hi = mid
             else:
                 best = (trial, mid, nnz)
-    if best is None:  # nothing to search (keep all or none, no correlation) or no bracket in max_steps
+    if best is None:  # nothing to search (keep every contributing channel, or none) or no bracket in max_steps
         best = (beta, 0.0, int(np.count_nonzero(beta)))
     beta = best[0]
     info = {"alpha": best[1], "alpha_fraction": best[1] / alpha_max if alpha_max > 0 else 0.0,
@@ -776,17 +783,19 @@ def channel_pruning_group(
     c = group_size(model, group)
     w = consumer.weight.detach()
     residual = residual_block_of(model, path) if compensate_shortcut and original is not None else None
-    # With the shortcut compensation the targets are branch outputs after the BN: scale the weights alike.
-    # Each output's least squares is its own, so only the LASSO (shared beta) and the errors see the scale.
-    scale = torch.ones(w.shape[0], dtype=torch.float64) if residual is None else branch_scale(original, residual[0])
+    # With the shortcut compensation the targets are branch outputs after the BN: scale the weights by the
+    # current network's a'. Each output's least squares is its own, so only the LASSO (shared beta) and the
+    # errors see the scale.
+    scale = torch.ones(w.shape[0], dtype=torch.float64) if residual is None else branch_affine(model, residual[0])[0]
     scale = scale.to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
     w_out = (w.to(torch.float64) * scale).to(w.dtype)
     q_mat, q_vec = regression_lasso_problem(stats, w_out.reshape(w.shape[0], c, -1))
     keep, info = lasso_select(q_mat, q_vec, num_keep, rank_tol=rank_tol)
     plain = w * _column_mask(consumer, keep)
     fitted = least_squares_weight(stats, w_out, keep, ridge).to(torch.float64)
-    # back to the conv's own weights; an output whose branch scale is 0 is never seen: keep it, pruned
-    live = scale.abs() > 1e-12
+    # back to the conv's own weights; an output whose branch scale is (nearly) 0 is (nearly) never seen, and
+    # dividing by it would blow its weights up: it keeps its weights, pruned
+    live = scale.abs() > 1e-6 * scale.abs().max()
     weight = torch.where(live, fitted / torch.where(live, scale, 1.0), plain.to(torch.float64)).to(w.dtype)
     return Reconstruction(keep, weight, regression_error(stats, (plain.to(torch.float64) * scale).to(w.dtype)),
                           regression_error(stats, (weight.to(torch.float64) * scale).to(w.dtype)),

@@ -32,10 +32,10 @@ class ZooModel(nn.Module):
 class ResidualBlock(nn.Module):
     """A residual block whose branch ends in one conv: ``out = act(shortcut(x) + a * conv_end(h) + b)``.
 
-    ``a`` (per output channel) is what the branch does to the end conv's output before the addition, in eval
-    mode: the following BN's ``gamma / sqrt(var + eps)`` (none in a pre-activation block) times an SSS gate.
-    He et al.'s channel pruning reads both terms to reconstruct ``branch_end`` against a target that also
-    makes up for the error the pruned network already carries on the shortcut (paper-spec 5.2 step 5).
+    ``a`` and ``b`` (per output channel) are what the branch does to the end conv's output before the addition,
+    in eval mode: the following BN (none in a pre-activation block) times an SSS gate. He et al.'s channel
+    pruning reads these terms to reconstruct ``branch_end`` against a target that also makes up for the error
+    the pruned network already carries on the shortcut (paper-spec 5.2 step 5).
     """
 
     #: attribute name of the conv whose output meets the shortcut
@@ -48,15 +48,17 @@ class ResidualBlock(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def branch_scale(self) -> torch.Tensor:
-        """(C_out,) factor from the end conv's output to the branch output that is added (eval mode)."""
+    def branch_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)``, each (C_out,): the branch adds ``a * z + b`` for an end-conv output ``z`` (eval mode)."""
         conv = getattr(self, self.branch_end)
         scale = torch.ones(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+        shift = torch.zeros_like(scale)
         bn = getattr(self, self.branch_end_bn) if self.branch_end_bn else None
-        if bn is not None:
+        if bn is not None:  # gamma (z - mean) / sqrt(var + eps) + beta
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - scale * bn.running_mean
         gate = getattr(self, "gate", None)
-        return scale if gate is None else scale * gate.weight
+        return (scale, shift) if gate is None else (scale * gate.weight, shift * gate.weight)
 
 
 class ChannelSelection(nn.Module):

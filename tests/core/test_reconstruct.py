@@ -272,6 +272,20 @@ def test_binary_search_brackets_alpha_from_above_by_halving() -> None:
     assert not lasso(q_mat.numpy(), q_vec.numpy(), float(q_vec.abs().max())).any()
 
 
+def test_binary_search_is_skipped_when_no_more_channels_contribute_than_are_kept() -> None:
+    # dead channels (no contribution, Q_jj = 0) can never be non-zero: searching for more non-zeros than the
+    # contributing channels would spend every step on the slowest, near-least-squares solves
+    q_mat, q_vec = _random_problem(12, 4)
+    dead = torch.tensor([1, 4, 7, 10])
+    q_mat[dead, :], q_mat[:, dead], q_vec[dead] = 0, 0, 0
+    for num_keep in (8, 9):
+        keep, info = lasso_select(q_mat, q_vec, num_keep)
+        assert info["steps"] == 0 and info["nonzero"] == 8
+        assert int(keep.sum()) == num_keep and not keep[[0, 2, 3, 5, 6, 8, 9, 11]].logical_not().any()
+    keep, info = lasso_select(q_mat, q_vec, 12)
+    assert keep.all() and info["nonzero"] == 8
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e30])
 def test_binary_search_does_not_depend_on_the_scale_of_the_activations(scale) -> None:
     # an absolute starting alpha once made the search double ~150 times on a diverged network (activations ~1e25)
@@ -352,7 +366,7 @@ _FAMILIES = [  # (model, kwargs, image side, final activation of a block)
 
 @pytest.mark.parametrize("name,kwargs,side,act", _FAMILIES, ids=[f[0] for f in _FAMILIES])
 def test_residual_blocks_describe_their_branch_end_and_shortcut(name, kwargs, side, act) -> None:
-    # out = act(shortcut_output(x) + a * z + shift) for ANY end-conv output z: force z = delta and compare
+    # out = act(shortcut_output(x) + a * z + b) for ANY end-conv output z: force z = delta and compare
     model = create_model(name, **kwargs).eval()
     randomize_bn(model)
     block = model.get_submodule("layer2.0")  # a stage's first block: a projection or pooling shortcut
@@ -365,10 +379,9 @@ def test_residual_blocks_describe_their_branch_end_and_shortcut(name, kwargs, si
         handle = getattr(block, block.branch_end).register_forward_hook(lambda _m, _i, _o: delta)
         out = block(x)
         handle.remove()
-        a = block.branch_scale()
+        a, b = block.branch_affine()
+        expected = act(block.shortcut_output(x) + a[:, None, None] * delta + b[:, None, None])
         bn = getattr(block, block.branch_end_bn) if block.branch_end_bn else None
-        shift = torch.zeros_like(a) if bn is None else gate * bn.bias - a * bn.running_mean
-        expected = act(block.shortcut_output(x) + a[:, None, None] * delta + shift[:, None, None])
     if bn is not None:
         assert not torch.allclose(a, torch.ones_like(a))  # randomised BN: a scale that matters
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -411,3 +424,21 @@ def test_shortcut_compensation_lowers_the_error_of_the_block_output(name) -> Non
         apply_reconstruction(net, group, rec)
         errors[compensate] = _block_output_error(net, original, "layer2.0", held_out)
     assert errors[True] < 0.92 * errors[False]  # measured: 0.144 vs 0.172 (bearpaw), 0.063 vs 0.070
+
+
+def test_compensation_uses_the_current_branch_scale_after_its_bn_moved() -> None:
+    # fine-tuning between layers may change the end BN of the current network (here: gamma doubled); the refit
+    # of the end conv must then aim at the original block output through the *current* BN (scale and shift)
+    torch.manual_seed(0)
+    original = create_model("bearpaw_resnet50").eval()
+    randomize_bn(original)
+    current = copy.deepcopy(original)
+    end = "layer2.0." + current.layer2[0].branch_end
+    with torch.no_grad():
+        current.get_submodule("layer2.0." + current.layer2[0].branch_end_bn).weight.mul_(2)
+    group = next(g for g in channel_groups(current) if g.consumers == (end,))
+    rec = channel_pruning_group(current, group, _images(16, 9), group_size(current, group), original=original,
+                                positions_per_image=64, generator=torch.Generator().manual_seed(0),
+                                compensate_shortcut=True)
+    apply_reconstruction(current, group, rec)
+    assert _block_output_error(current, original, "layer2.0", _images(16, 10)) < 1e-3  # 0.41 with a stale scale

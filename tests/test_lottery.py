@@ -11,7 +11,6 @@ every round of an iterative experiment run by ``lit_prune.rethink``.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,7 @@ from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
 from lit_prune.prune import main as prune_main
 from lit_prune.rethink import Protocol, Stage, load_experiment
-from lit_prune.stage import run_stage
-from tests.helpers import randomize_bn
+from tests.helpers import execute_in_process, randomize_bn
 
 REPO = Path(__file__).resolve().parents[1]
 CFG20 = [4, 4, 4, 8, 8, 8, 16, 16, 16]
@@ -299,18 +297,6 @@ TINY_ARGS = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--tra
              "--trainer.enable_model_summary=false"]  # "1" would read as 1.0 = every batch (jsonargparse)
 
 
-def _execute_in_process(self: Protocol, st, verbose: bool) -> None:
-    """Stand-in for ``Protocol._execute``: the same command, without a new Python process."""
-    assert st.command[:2] == [sys.executable, "-m"], st.command
-    module, args = st.command[2], st.command[3:]
-    if module == "lit_prune.stage":
-        run_stage(args)
-    elif module == "lit_prune.prune":
-        assert prune_main(args) == 0
-    else:
-        raise AssertionError(f"unexpected stage command {st.command}")
-
-
 def test_two_round_lottery_experiment(tmp_path: Path, monkeypatch) -> None:
     """quickstart_lottery.yaml, one seed and tiny stages: large (theta_0 kept), round 1 (50%), round 2 (50% of
     what round 1's winning ticket kept), each with a winning ticket and a random re-init."""
@@ -322,7 +308,7 @@ def test_two_round_lottery_experiment(tmp_path: Path, monkeypatch) -> None:
     config = tmp_path / "lottery.yaml"
     config.write_text(yaml.safe_dump(exp, sort_keys=False))
     out = tmp_path / "out"
-    monkeypatch.setattr(Protocol, "_execute", _execute_in_process)
+    monkeypatch.setattr(Protocol, "_execute", execute_in_process)
     monkeypatch.chdir(tmp_path)
     Protocol(load_experiment(config), out).run()
 

@@ -28,17 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_CFG = [16, "M", 32, "M", 64, 64, "M", 128, 128, "M", 128, 128]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """One intra-op thread (tiny models; a second thread only adds contention on a shared 2-core machine),
-    and no global state left behind by in-process Lightning runs (seed, deterministic mode)."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG"):
-        monkeypatch.delenv(var, raising=False)  # restored at teardown
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def _params(module: ImageClassifier) -> dict[str, torch.Tensor]:

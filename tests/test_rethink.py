@@ -29,13 +29,12 @@ from lit_prune import rethink
 from lit_prune.artifact import build_model, load_artifact
 from lit_prune.core.budget import scratch_b_budget
 from lit_prune.models import create_model
-from lit_prune.prune import main as prune_main
 from lit_prune.rethink import ExperimentError, Protocol, load_experiment
 from lit_prune.stage import run_stage
+from tests.helpers import clean_env, execute_in_process, run_process
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
-_DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 # jsonargparse reads "1" for an int-or-float option as 1.0, which Lightning takes as "100% of the batches":
 # every limit below is >= 2 for that reason.
 TINY_ARGS = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
@@ -46,23 +45,7 @@ REGIME_ROWS = {"unpruned": "Unpruned", "pruned": "Pruned (no retraining)", "fine
                "scratch_e": "Scratch-E", "scratch_b": "Scratch-B"}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """One intra-op thread (tiny models; a second thread only adds contention on a shared 2-core machine),
-    and no global state left behind by in-process Lightning runs (seed, deterministic mode)."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG"):
-        monkeypatch.delenv(var, raising=False)  # restored at teardown
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
-def _clean_env(*extra_paths: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and k != "PL_GLOBAL_SEED"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(map(str, [REPO, *extra_paths])))
-    return env
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def _write_experiment(path: Path, **overrides) -> Path:
@@ -144,18 +127,6 @@ def test_predefined_architectures_plan_scratch_runs_only(monkeypatch, tmp_path) 
 
 # ---- a whole tiny experiment, stages in-process ---------------------------------------------------
 
-def _execute_in_process(self: Protocol, st, verbose: bool) -> None:
-    """Stand-in for ``Protocol._execute``: the same command, without a new Python process."""
-    assert st.command[:2] == [sys.executable, "-m"], st.command
-    module, args = st.command[2], st.command[3:]
-    if module == "lit_prune.stage":
-        run_stage(args)
-    elif module == "lit_prune.prune":
-        assert prune_main(args) == 0
-    else:
-        raise AssertionError(f"unexpected stage command {st.command}")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One run of a 2-seed experiment (L1 variant; fine-tune, Scratch-E, Scratch-B), shared by the tests below."""
@@ -163,7 +134,7 @@ def tiny_run(tmp_path_factory):
     config = _write_experiment(root / "tiny.yaml")
     out = root / "out"
     mp = pytest.MonkeyPatch()
-    mp.setattr(Protocol, "_execute", _execute_in_process)
+    mp.setattr(Protocol, "_execute", execute_in_process)
     mp.chdir(root)
     for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         mp.delenv(var, raising=False)
@@ -296,7 +267,7 @@ def test_a_stage_with_corrupted_metrics_is_run_again(tiny_run, monkeypatch, caps
 
     def record(self, st, verbose):
         ran.append(st.label)
-        _execute_in_process(self, st, verbose)
+        execute_in_process(self, st, verbose)
 
     monkeypatch.setattr(Protocol, "_execute", record)
     monkeypatch.chdir(tiny_run["root"])
@@ -340,17 +311,8 @@ def test_stage_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_stage(t
 # ---- kill and resume: a real process tree ---------------------------------------------------------
 
 def _run_runner(config: Path, out: Path, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, "-m", "lit_prune.rethink", "--config", str(config), "--out", str(out)],
-                            cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the runner did not finish in {timeout} s")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return run_process([sys.executable, "-m", "lit_prune.rethink", "--config", str(config), "--out", str(out)], cwd,
+                       clean_env(), timeout)
 
 
 def _final_state(out: Path) -> dict:
@@ -378,7 +340,7 @@ def test_killed_runner_resumes_to_the_results_of_an_uninterrupted_run(tmp_path: 
     out = tmp_path / "killed"
     last = out / "seed0" / "l1" / "scratch_e" / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "-m", "lit_prune.rethink", "--config", str(config), "--out", str(out)],
-                            cwd=tmp_path, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 400
     try:
@@ -422,16 +384,7 @@ def test_retraining_stage_under_ddp_writes_one_metrics_file_and_one_model(tmp_pa
            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
            "--data.batch_size=16", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
            "--trainer.enable_model_summary=false"]
-    # its own session: on a timeout the launcher and the rank it started are killed together
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process DDP stage did not finish in 300 s")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_process(cmd, tmp_path, clean_env())
 
     assert sorted(p.name for p in stage.rglob("metrics.json")) == ["metrics.json"]
     assert sorted(p.name for p in stage.rglob("*.pt")) == ["model.pt"]
@@ -452,7 +405,7 @@ def test_variant_from_training_adopts_the_artifact_the_large_run_wrote(tmp_path:
     config = _write_experiment(tmp_path / "sfp_tiny.yaml", seeds=[0], large={"args": [f"--config={method}"]},
                                variants=[{"name": "sfp", "from_training": "sfp-masked.pt"}],
                                regimes={"scratch_e": {}})
-    monkeypatch.setattr(Protocol, "_execute", _execute_in_process)
+    monkeypatch.setattr(Protocol, "_execute", execute_in_process)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     Protocol(load_experiment(config), out).run()

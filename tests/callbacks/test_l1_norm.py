@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +17,7 @@ from lit_prune.core.flops import count_flops
 from lit_prune.core.masks import apply_masks
 from lit_prune.models import create_model, get_width_config
 from lit_prune.module import ImageClassifier
-from tests.helpers import masks_from_keeps, randomize_bn
+from tests.helpers import clean_env, masks_from_keeps, randomize_bn, run_process
 
 REPO = Path(__file__).resolve().parents[2]
 CFG20 = [4, 4, 4, 8, 8, 8, 16, 16, 16]
@@ -265,7 +262,6 @@ class ProbeL1(L1FilterPruning):
 '''
 
 
-_DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def test_ddp_two_processes_write_one_artifact_with_rank0_decisions(tmp_path: Path) -> None:
@@ -303,19 +299,8 @@ def test_ddp_two_processes_write_one_artifact_with_rank0_decisions(tmp_path: Pat
             num_samples: 64
             batch_size: 16
         """))
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]))
-    # its own session: on a timeout the launcher and the rank it started are killed together
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(config)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process DDP run did not finish in 300 s")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_process([sys.executable, str(REPO / "train.py"), "fit", "--config", str(config)], tmp_path,
+                clean_env(tmp_path))
 
     artifacts = sorted(run.rglob("*.pt"))
     assert [p.name for p in artifacts] == ["pruned.pt"], artifacts

@@ -9,9 +9,6 @@ checkpoints, and never broadcasts its decision under DDP.
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -28,7 +25,7 @@ from lit_prune.core.flops import count_flops
 from lit_prune.core.masks import apply_masks
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
-from tests.helpers import RandomImageDataModule
+from tests.helpers import RandomImageDataModule, clean_env, run_process
 
 REPO = Path(__file__).resolve().parents[2]
 CFG20 = [4, 4, 4, 8, 8, 8, 16, 16, 16]  # narrow ResNet-20: 67,248 conv weights (a multiple of 4), fc 640
@@ -423,7 +420,6 @@ class ProbeMagnitude(MagnitudePruning):
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 '''
 
-_DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def test_ddp_two_processes_hold_rank0_masks_and_write_one_artifact(tmp_path: Path) -> None:
@@ -462,19 +458,8 @@ def test_ddp_two_processes_hold_rank0_masks_and_write_one_artifact(tmp_path: Pat
             num_samples: 64
             batch_size: 16
         """))
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and k != "PL_GLOBAL_SEED"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]))
-    # its own session: on a timeout the launcher and the rank it started are killed together
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(config)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process DDP run did not finish in 300 s")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_process([sys.executable, str(REPO / "train.py"), "fit", "--config", str(config)], tmp_path,
+                clean_env(tmp_path))
 
     assert [p.name for p in run.rglob("*.pt")] == ["pruned.pt"]
     assert not list(run.rglob("*.tmp"))

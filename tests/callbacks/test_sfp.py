@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -25,7 +23,7 @@ from lit_prune.core.masks import apply_masks, group_masks, merge
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
 from lit_prune.prune import load_method
-from tests.helpers import RandomImageDataModule, randomize_bn
+from tests.helpers import RandomImageDataModule, clean_env, randomize_bn, run_process
 
 REPO = Path(__file__).resolve().parents[2]
 # ResNet-20 convs: the stem (16), then two convs per block of 16/32/64 filters; 30% of each zeroed.
@@ -487,13 +485,9 @@ def test_ddp_two_processes_agree_on_masks_and_write_one_pair(tmp_path: Path) -> 
           init_args:
             batch_size: 16
         """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.accelerator", "cpu",
            "--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_process(cmd, tmp_path, clean_env(tmp_path))
 
     assert sorted(p.name for p in run.rglob("*.pt")) == ["pruned.pt", "sfp-masked.pt"]
     assert not list(run.rglob("*.tmp"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,7 +22,7 @@ from lit_prune.core.masks import apply_masks
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
 from lit_prune.prune import load_method
-from tests.helpers import RandomImageDataModule, masks_from_keeps, randomize_bn
+from tests.helpers import RandomImageDataModule, clean_env, masks_from_keeps, randomize_bn, run_process
 
 REPO = Path(__file__).resolve().parents[2]
 M = "M"
@@ -407,12 +406,9 @@ def test_ddp_two_processes_select_identical_channels_and_write_one_artifact(tmp_
             - class_path: tests.callbacks.test_slimming.RankProbeSlimming
               init_args: {{sparsity: 1.0e-3, prune_ratio: 0.5}}
         """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), PROBE_ENV: str(probe)}
-    env.pop("LOCAL_RANK", None)
     cmd = [sys.executable, "train.py", "fit", "--config", str(config), "--model.cfg", str(CFG8),
            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_process(cmd, REPO, clean_env(extra={PROBE_ENV: str(probe)}))
 
     artifacts = sorted(run.rglob("*.pt"))
     assert [p.name for p in artifacts] == ["pruned.pt"], artifacts

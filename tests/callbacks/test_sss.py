@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,7 +20,7 @@ from lit_prune.core.gates import apg_step_, block_gates
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
 from lit_prune.prune import load_method
-from tests.helpers import RandomImageDataModule, randomize_bn
+from tests.helpers import RandomImageDataModule, clean_env, randomize_bn, run_process
 
 REPO = Path(__file__).resolve().parents[2]
 CFG20 = [4] * 3 + [8] * 3 + [16] * 3
@@ -330,11 +329,8 @@ def test_ddp_two_processes_end_with_identical_factors_and_write_one_artifact(tmp
             - class_path: tests.callbacks.test_sss.RankProbeSSS
               init_args: {{gamma: 0.5}}
         """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), PROBE_ENV: str(probe)}
-    env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, "train.py", "fit", "--config", str(config)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_process([sys.executable, "train.py", "fit", "--config", str(config)], REPO,
+                clean_env(extra={PROBE_ENV: str(probe)}))
 
     artifacts = sorted(run.rglob("*.pt"))
     assert [p.name for p in artifacts] == ["pruned.pt"], artifacts

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +20,7 @@ from lit_prune.core.flops import count_flops
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
 from lit_prune.prune import main as prune_main
+from tests.helpers import clean_env, run_process
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = [8, "M", 8, "M", 8, 8, "M", 8, 8, "M", 8, 8]
@@ -267,7 +265,6 @@ class ProbeThiNet(ThiNetPruning):
         torch.save(self._seen, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 '''
 
-_DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def run_ddp(tmp_path: Path, probe: str, class_path: str, init_args: dict) -> tuple[Path, list[dict]]:
@@ -289,19 +286,8 @@ def run_ddp(tmp_path: Path, probe: str, class_path: str, init_args: dict) -> tup
     }
     path = tmp_path / "config.yaml"
     path.write_text(textwrap.dedent(yaml.safe_dump(config)))
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]))
-    # its own session: on a timeout the launcher and the rank it started are killed together
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process DDP run did not finish in 300 s")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_process([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)], tmp_path,
+                clean_env(tmp_path))
     return run, [torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
 
 

@@ -58,18 +58,6 @@ def test_prune_cli_from_torchvision_style_weights(tmp_path, capsys):
     assert art["architecture"]["kwargs"]["cfg"] == [6] * 7 + [16, 16, 32] + [22] * 6 + [32, 22, 64] + [57] * 7 + [64]
     assert art["provenance"]["source"] == str(weights)
     assert "ratio 1.380" in capsys.readouterr().out
-    # the flops CLI gives the Scratch-B budget of the artifact, with the arguments that run it
-    assert flops.main([str(out), "--scratch-b", "160"]) == 0
-    printed = capsys.readouterr().out
-    assert "Scratch-B: 220 epochs" in printed and "--trainer.max_epochs 220" in printed
-    assert "--model.milestones '[110, 165]'" in printed  # paper-spec 1.3: ResNet-56-B 220 (110, 165)
-    assert flops.main([str(out), "--scratch-b", "90", "--rule", "thirds", "--cap", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["scratch_b"]["epochs"] == int(90 * 1.3791)
-    assert flops.main([str(out), "--scratch-b", "160", "--rule", "scale"]) == 2
-    assert "base_milestones" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        flops.main(["cifar_resnet56", "--scratch-b", "160"])
-    assert "needs a pruned artifact" in capsys.readouterr().err
     # the flops CLI reads the artifact back and shows the unpruned size beside it
     assert flops.main([str(out)]) == 0
     assert "FLOPs ratio 1.380 (l1_norm)" in capsys.readouterr().out

@@ -64,7 +64,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from callbacks import L1FilterPruning, NetworkSlimming, PruningCallback, SoftFilterPruning
-from callbacks.base import unwrap
+from lit_prune.callbacks.base import unwrap
 from lit_prune.module import ImageClassifier
 
 # hooks Lightning calls once per training step: forwarded on "on" steps only

@@ -1,21 +1,9 @@
-"""Pruning methods as Lightning callbacks; attach them to any Trainer (Python or ``trainer.callbacks``)."""
+"""Pruning methods as Lightning callbacks, under the design card's top-level name.
 
-from callbacks.base import PruningCallback
-from callbacks.channel_pruning import ChannelPruning
-from callbacks.l1_norm import L1FilterPruning
-from callbacks.magnitude import MagnitudePruning
-from callbacks.sfp import SoftFilterPruning
-from callbacks.slimming import NetworkSlimming
-from callbacks.sss import SparseStructureSelection
-from callbacks.thinet import ThiNetPruning
+The classes live in :mod:`lit_prune.callbacks`; this package re-exports them so that both class paths work
+in YAML (``callbacks.L1FilterPruning`` and ``lit_prune.callbacks.L1FilterPruning``). A file named
+``callbacks.py`` in the working directory shadows this package, never ``lit_prune.callbacks``.
+"""
 
-__all__ = [
-    "ChannelPruning",
-    "L1FilterPruning",
-    "MagnitudePruning",
-    "NetworkSlimming",
-    "PruningCallback",
-    "SoftFilterPruning",
-    "SparseStructureSelection",
-    "ThiNetPruning",
-]
+from lit_prune.callbacks import *  # noqa: F403
+from lit_prune.callbacks import __all__  # noqa: F401

@@ -1,12 +1,8 @@
-"""LightningDataModules of lit-prune: CIFAR-10/100, ImageNet (ImageFolder), and 5k MNIST for the quickstart.
+"""The LightningDataModules of lit-prune, under the design card's top-level name.
 
-Every module has the same constructor core (``root``, ``batch_size``, ``num_workers``, ``pin_memory``) and
-exposes ``num_classes`` and ``input_size`` (C, H, W) right after ``__init__``.
+The classes live in :mod:`lit_prune.datamodules`; this package re-exports them so that both class paths
+work in YAML (``datamodules.CIFARDataModule`` and ``lit_prune.datamodules.CIFARDataModule``).
 """
 
-from datamodules.base import ImageClassificationDataModule
-from datamodules.cifar import CIFARDataModule
-from datamodules.imagenet import ImageNetDataModule
-from datamodules.mnist import MNIST5kDataModule
-
-__all__ = ["CIFARDataModule", "ImageClassificationDataModule", "ImageNetDataModule", "MNIST5kDataModule"]
+from lit_prune.datamodules import *  # noqa: F403
+from lit_prune.datamodules import __all__  # noqa: F401

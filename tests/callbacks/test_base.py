@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks import PruningCallback
-from callbacks.base import unwrap
+from lit_prune.callbacks.base import unwrap
 from lit_prune.module import ImageClassifier
 
 CFG20 = [4, 4, 4, 8, 8, 8, 16, 16, 16]

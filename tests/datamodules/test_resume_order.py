@@ -7,7 +7,7 @@ import torch
 from pytorch_lightning.utilities.data import _is_dataloader_shuffled
 from torch.utils.data import TensorDataset
 
-from datamodules.base import EpochSeededRandomSampler, ImageClassificationDataModule
+from lit_prune.datamodules.base import EpochSeededRandomSampler, ImageClassificationDataModule
 
 
 class _Tiny(ImageClassificationDataModule):

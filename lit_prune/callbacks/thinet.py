@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from callbacks.reconstruction import ReconstructionPruning
+from lit_prune.callbacks.reconstruction import ReconstructionPruning
 from lit_prune.core.groups import ChannelGroup
 from lit_prune.core.reconstruct import Reconstruction, ReduceFn, thinet_group
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, target_group_sizes, unwrap
+from lit_prune.callbacks.base import PruningCallback, target_group_sizes, unwrap
 from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.core.importance import criterion_names, group_scores
 from lit_prune.core.masks import group_masks, merge

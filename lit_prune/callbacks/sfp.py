@@ -63,7 +63,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, is_zoo_model, unwrap
+from lit_prune.callbacks.base import PruningCallback, is_zoo_model, unwrap
 from lit_prune.artifact import make_artifact, save_artifact
 from lit_prune.core.flops import count_flops
 from lit_prune.core.groups import ChannelGroup, channel_groups

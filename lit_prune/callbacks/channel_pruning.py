@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from callbacks.reconstruction import ReconstructionPruning
+from lit_prune.callbacks.reconstruction import ReconstructionPruning
 from lit_prune.core.groups import ChannelGroup, group_size
 from lit_prune.core.reconstruct import Reconstruction, ReduceFn, channel_pruning_group, consumer_of
 from lit_prune.models.base import ChannelSelection

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, is_zoo_model, target_group_sizes, unwrap
+from lit_prune.callbacks.base import PruningCallback, is_zoo_model, target_group_sizes, unwrap
 from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
 from lit_prune.core.reconstruct import Reconstruction, ReduceFn, apply_reconstruction, consumer_of
 from lit_prune.core.selection import check_patterns, check_ratio, matches_any, ratio_for

@@ -34,7 +34,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, unwrap
+from lit_prune.callbacks.base import PruningCallback, unwrap
 from lit_prune.core.masks import Masks, sparsity
 from lit_prune.core.selection import check_ratio
 

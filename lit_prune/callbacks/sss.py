@@ -54,7 +54,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, is_zoo_model, unwrap
+from lit_prune.callbacks.base import PruningCallback, is_zoo_model, unwrap
 from lit_prune.core.flops import count_flops
 from lit_prune.core.gates import BlockGate, apg_step_, block_gates, fold_gates_
 from lit_prune.core.groups import channel_groups, group_size

@@ -35,7 +35,7 @@ from typing import Any
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from datamodules.base import ImageClassificationDataModule
+from lit_prune.datamodules.base import ImageClassificationDataModule
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 

@@ -28,7 +28,7 @@ import os
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from datamodules.base import ImageClassificationDataModule
+from lit_prune.datamodules.base import ImageClassificationDataModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datamodules.base import ImageClassificationDataModule
+from lit_prune.datamodules.base import ImageClassificationDataModule
 
 FILENAME = "mnist_5k.csv.gz"
 MNIST_MEAN = 0.1307

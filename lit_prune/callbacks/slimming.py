@@ -38,7 +38,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from typing_extensions import override
 
-from callbacks.base import PruningCallback, unwrap
+from lit_prune.callbacks.base import PruningCallback, unwrap
 from lit_prune.core.groups import ChannelGroup, channel_groups
 from lit_prune.core.importance import group_scores
 from lit_prune.core.selection import apply_floor, check_ratio, global_threshold

@@ -11,8 +11,9 @@ each with a ``gates: bool = False`` constructor argument):
 
 * a gated block holds its factor as a :class:`BlockGate` submodule named ``gate`` (absent when the model is
   built without gates, so that state dicts stay those of the ungated model, torchvision's included);
-* the block's class attribute ``gate_folds_into`` names the submodule whose output the gate scales (the
-  branch's last BN, or its last conv when no BN follows it);
+* the block implements :class:`lit_prune.core.protocols.GatedBlock`: its class attribute ``gate_folds_into``
+  names the submodule whose output the gate scales (the branch's last BN, or its last conv when no BN
+  follows it);
 * the gate's path is part of the ``branch`` of the block's channel groups, so removing the branch (surgery
   with an all-False keep) removes the gate with it, and a mask simulation of the removal zeroes it too.
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lit_prune.core.protocols import GatedBlock, is_zoo_model
 
 
 class BlockGate(nn.Module):
@@ -106,13 +109,19 @@ def fold_gates_(model: nn.Module) -> None:
     (up to float rounding). A zero factor leaves a branch of zeros: remove it with surgery to save its
     compute (the SSS callback does both). The zoo description (``model.zoo_kwargs``) drops ``gates`` so that
     :func:`lit_prune.models.architecture` rebuilds the ungated network.
+
+    Raises:
+        TypeError: a gate sits in a module that is not a :class:`~lit_prune.core.protocols.GatedBlock`.
     """
     for path in block_gates(model):
         parent, _, name = path.rpartition(".")
         block = model.get_submodule(parent) if parent else model
+        if not isinstance(block, GatedBlock):
+            raise TypeError(f"{path}: {type(block).__name__} holds a block factor but does not say where it folds "
+                            "(gate_folds_into, see lit_prune.core.protocols.GatedBlock)")
         target = getattr(block, block.gate_folds_into, None)
         if target is not None:
             scale_outputs_(target, getattr(block, name).weight.detach())
         setattr(block, name, None)
-    if isinstance(getattr(model, "zoo_kwargs", None), dict):
+    if is_zoo_model(model):
         model.zoo_kwargs.pop("gates", None)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lit_prune.core.protocols import DeclaresChannelGroups
+
 
 @dataclass(frozen=True)
 class ChannelGroup:
@@ -50,17 +52,17 @@ class ChannelGroup:
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     """The prunable groups of ``model``.
 
-    Zoo models declare them through ``channel_groups()``, which always takes precedence. Any other model
-    gets them from :func:`lit_prune.core.trace.trace_channel_groups` (torch.fx tracing, a conservative
+    Zoo models declare them through ``channel_groups()`` (they are
+    :class:`~lit_prune.core.protocols.DeclaresChannelGroups`), which always takes precedence. Any other
+    model gets them from :func:`lit_prune.core.trace.trace_channel_groups` (torch.fx tracing, a conservative
     rule: only convs whose channels reach nothing but the next conv or linear layer; input size
     ``model.input_size`` or (3, 32, 32)).
 
     Raises:
         TypeError: the model declares no groups and its forward cannot be traced.
     """
-    fn = getattr(model, "channel_groups", None)
-    if callable(fn):
-        return list(fn())
+    if isinstance(model, DeclaresChannelGroups):
+        return list(model.channel_groups())
     from lit_prune.core.trace import trace_channel_groups  # imported here: trace imports this module
 
     return trace_channel_groups(model)

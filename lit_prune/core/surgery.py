@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
+from lit_prune.core.protocols import CompactsBlocks
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -114,6 +115,12 @@ def prune_groups(model: nn.Module, keeps: Mapping[str, torch.Tensor]) -> None:
         if not gone.isdisjoint(groups[name].branch):
             prune_group(model, groups[name], keeps[name])
             gone.difference_update(groups[name].branch)
-    compact = getattr(model, "compact_blocks", None)
-    if vanishing and callable(compact):  # models whose block names must stay contiguous renumber them
-        compact()
+    if vanishing:
+        compact_blocks(model)
+
+
+def compact_blocks(model: nn.Module) -> None:
+    """Renumber the blocks of a model whose block names must stay contiguous after a residual branch was
+    removed (a :class:`~lit_prune.core.protocols.CompactsBlocks`); any other model is left as it is."""
+    if isinstance(model, CompactsBlocks):
+        model.compact_blocks()

@@ -14,7 +14,9 @@ class ZooModel(nn.Module):
 
     A subclass builds itself from a width config and implements :meth:`arch_kwargs`, which reads the
     *current* module shapes back into constructor arguments. After physical surgery the model is
-    therefore still described by data (see :func:`lit_prune.models.architecture`).
+    therefore still described by data (see :func:`lit_prune.models.architecture`). Built by
+    :func:`~lit_prune.models.create_model`, it is a :class:`lit_prune.core.protocols.ZooModel` (test it with
+    :func:`lit_prune.core.protocols.is_zoo_model`, not with this class).
     """
 
     #: (C, H, W) of one input image at the family's native resolution.
@@ -31,6 +33,9 @@ class ZooModel(nn.Module):
 
 class ResidualBlock(nn.Module):
     """A residual block whose branch ends in one conv: ``out = act(shortcut(x) + a * conv_end(h) + b)``.
+
+    The zoo's implementation of :class:`lit_prune.core.protocols.ResidualBlock` (core tests that protocol, not
+    this class): subclasses name their end conv and its BN and implement :meth:`shortcut_output`.
 
     ``a`` and ``b`` (per output channel) are what the branch does to the end conv's output before the addition,
     in eval mode: the following BN (none in a pre-activation block) times an SSS gate. He et al.'s channel

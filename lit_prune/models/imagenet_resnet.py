@@ -351,6 +351,22 @@ class ImageNetResNet(_ResNet):
         self.fc = nn.Linear(out, num_classes)  # 512 * expansion whatever cfg says (paper-spec 12.11)
         self.reset_parameters()
 
+    def add_channel_samplers(self) -> int:
+        """Put an all-channel selection in front of the first conv of every residual branch that has none
+        (:class:`lit_prune.core.protocols.ChannelSamplers`; ``select`` in :meth:`arch_kwargs` records them).
+
+        Each reads every channel until pruning narrows it; the shortcut keeps the full input.
+
+        Returns:
+            How many were added.
+        """
+        added = 0
+        for block in self.blocks():
+            if block.has_branch and not hasattr(block, "select"):
+                block.select = ChannelSelection(block.conv1.in_channels).to(block.conv1.weight.device)
+                added += 1
+        return added
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 64, H/4, W/4)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, 512 * expansion, H/32, W/32)

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from lit_prune.core.protocols import is_zoo_model
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _WIDTH_CONFIGS: dict[str, dict[str, Any]] = {}
 
@@ -98,8 +100,9 @@ def create_model(name: str, *, cfg: Any = None, **kwargs: Any) -> nn.Module:
         **kwargs: other constructor arguments (``num_classes``, ...); they win over a named config's.
 
     Returns:
-        The model. Zoo models remember ``name`` and ``kwargs`` so that :func:`architecture` can
-        describe them after surgery.
+        The model. Zoo models remember ``name`` and ``kwargs`` (``zoo_name``, ``zoo_kwargs``: with their
+        ``arch_kwargs`` they implement :class:`lit_prune.core.protocols.ZooModel`) so that
+        :func:`architecture` can describe them after surgery.
     """
     _check_name(name)
     if isinstance(cfg, str):
@@ -117,7 +120,7 @@ def architecture(model: nn.Module) -> dict[str, Any]:
 
     ``create_model(a["name"], **a["kwargs"])`` returns a fresh model with exactly these shapes.
     """
-    if not hasattr(model, "zoo_name") or not hasattr(model, "arch_kwargs"):
+    if not is_zoo_model(model):
         raise TypeError(
             f"{type(model).__name__} was not built by lit_prune.models.create_model, so it cannot be "
             "described as data; build it with create_model(name, ...)"

@@ -12,6 +12,7 @@ from torch import nn
 
 from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.core.reconstruct import (
+    ConsumerView,
     GramStats,
     apply_reconstruction,
     channel_pruning_group,
@@ -442,3 +443,19 @@ def test_compensation_uses_the_current_branch_scale_after_its_bn_moved() -> None
                                 compensate_shortcut=True)
     apply_reconstruction(current, group, rec)
     assert _block_output_error(current, original, "layer2.0", _images(16, 10)) < 1e-3  # 0.41 with a stale scale
+
+
+def test_consumer_view_knows_the_residual_block_a_consumer_ends() -> None:
+    model = create_model("cifar_resnet20").eval()
+    groups = {g.name: g for g in channel_groups(model)}
+    group = groups["layer2.0.conv1"]
+    view = ConsumerView.of(model, group)  # read by conv2, the branch end
+    assert (view.path, view.channels, view.block_path) == ("layer2.0.conv2", group_size(model, group), "layer2.0")
+    assert view.ends_branch and view.block is model.layer2[0] and view.module is model.layer2[0].conv2
+    assert view.weight3().shape == (32, view.channels, 9)
+    a, b = view.branch_affine()
+    assert a.dtype == torch.float64 and a.shape == b.shape == (32,)
+    plain = ConsumerView.of(_model(), _group(_model()))  # a VGG conv ends no branch
+    assert not plain.ends_branch and plain.block is None
+    with pytest.raises(ValueError, match="does not end a residual branch"):
+        plain.branch_affine()

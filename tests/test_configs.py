@@ -17,7 +17,7 @@ from tests.datamodules.test_cifar import write_fake_cifar
 from tests.datamodules.test_imagenet import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-# configs/experiments/ holds protocol-runner configs, checked in tests/test_rethink.py
+# configs/experiments/ holds protocol-runner configs, checked in tests/protocol/
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "experiments")
 
 

@@ -191,10 +191,11 @@ def test_scratch_b_ratio_is_measured_after_the_mask(ticket: dict, tmp_path: Path
     scratch_e = next(st for st in proto.plan() if st.kind == "scratch_e")
     assert scratch_e.epochs == 20
     st = Stage(0, "m80", "scratch_b", out / "seed0" / "m80" / "scratch_b")
-    args = proto.scratch_b(st)
+    planned = proto.scratch_b(st)
     budget = scratch_b_budget(20, ratio)
-    assert st.epochs == budget.epochs == int(20 * ratio) > 20
-    assert f"--trainer.max_epochs={budget.epochs}" in args
+    assert planned.epochs == planned.applied_to(st).epochs == budget.epochs == int(20 * ratio) > 20
+    assert f"--trainer.max_epochs={budget.epochs}" in planned.args
+    assert st.epochs is None and st.command == []  # the planned stage itself is left as it was
 
 
 # ---- structured lottery tickets (L1-norm, mask mode) ----------------------------------------------

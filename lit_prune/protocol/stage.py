@@ -2,7 +2,7 @@
 record the metrics and export the trained model as an artifact.
 
     python -m lit_prune.stage --stage_dir runs/exp/seed0/B/scratch_b --config configs/cifar/l1_resnet56.yaml \\
-        --model.artifact runs/exp/seed0/B/pruned.pt --model.regime scratch --trainer.max_epochs 220
+        --model.artifact runs/exp/seed0/B/prune/pruned.pt --model.regime scratch --trainer.max_epochs 220
 
 Arguments other than ``--stage_dir`` and ``--weights`` (a Lightning checkpoint or a plain, e.g.
 torchvision, state dict loaded into the model before anything runs) are ``train.py fit``
@@ -27,8 +27,7 @@ from typing_extensions import override
 from lit_prune.artifact import atomic_save_json, make_artifact, read_weights, save_artifact
 from lit_prune.cli import LitPruneCLI
 from lit_prune.module import ImageClassifier
-
-METRICS = "metrics.json"
+from lit_prune.protocol.layout import METRICS, MODEL
 
 
 class StageTimer(pl.Callback):
@@ -113,7 +112,7 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
                                 source=str(stage), settings={"max_epochs": metrics["max_epochs"]},
                                 init_state=model.init_state)
             metrics.update(macs=art["flops"]["pruned"]["macs"], params=art["flops"]["pruned"]["params"])
-            save_artifact(art, stage / "model.pt")
+            save_artifact(art, stage / MODEL)
         atomic_save_json(metrics, stage / METRICS)
     trainer.strategy.barrier("lit_prune_stage")
     return metrics

@@ -1,5 +1,5 @@
 """The training order of every datamodule depends only on the seed and the epoch, so that a run resumed at an
-epoch boundary sees the batches of the uninterrupted run (tests/test_rethink.py checks that end to end)."""
+epoch boundary sees the batches of the uninterrupted run (tests/protocol/test_run.py checks that end to end)."""
 
 from __future__ import annotations
 

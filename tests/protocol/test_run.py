@@ -1,17 +1,19 @@
-"""The protocol runner (``python -m lit_prune.rethink``): planning, a whole tiny experiment, resumability,
-the one-config-per-directory rule, kill/resume equality, and a retraining stage under DDP.
+"""Running an experiment (``lit_prune.protocol.run``, ``python -m lit_prune.rethink``): a whole tiny experiment,
+resumability, the one-config-per-directory rule (and directories made under the old hash), kill/resume
+equality, and a variant adopted from the large run's callback.
 
 The default-suite end-to-end test runs every stage of a real experiment, but inside the test process
 (``Protocol._execute`` patched to call the stage and prune entry points directly): two CPU cores cannot
 afford a dozen fresh Python processes importing torch and Lightning. The kill/resume test (slow) runs the
 runner itself as a real process tree, so the subprocess path is exercised too.
+
+The tiny run is built once per module and never changed: tests that run it again work on a copy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -24,17 +26,13 @@ import pytest
 import torch
 import yaml
 
-from callbacks import L1FilterPruning
 from lit_prune import rethink
 from lit_prune.artifact import build_model, load_artifact
 from lit_prune.core.budget import scratch_b_budget
-from lit_prune.models import create_model
-from lit_prune.rethink import ExperimentError, Protocol, load_experiment
-from lit_prune.stage import run_stage
+from lit_prune.protocol import ExperimentError, Protocol, load_experiment
 from tests.helpers import clean_env, execute_in_process, run_process
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[2]
 # jsonargparse reads "1" for an int-or-float option as 1.0, which Lightning takes as "100% of the batches":
 # every limit below is >= 2 for that reason.
 TINY_ARGS = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
@@ -67,69 +65,12 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
-# ---- planning -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
-def test_every_experiment_config_loads_and_dry_runs(path: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.chdir(REPO)  # configs name their files relative to the repository root
-    exp = load_experiment(path.relative_to(REPO))
-    out = tmp_path / "out"
-    protocol = Protocol(exp, out)
-    stages = protocol.plan()
-    assert protocol.run(dry_run=True) == {}
-    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
-    per_variant = [2 + len(exp["regimes"]) - bool(v.get("width_config")) for v in exp["variants"]]  # no "pruned"
-    assert len(printed) == len(stages) == len(exp["seeds"]) * (1 + sum(per_variant))
-    for line, st in zip(printed, stages, strict=True):
-        assert line.startswith(f"[{stages.index(st) + 1}/{len(stages)}] {st.label}")
-        if st.kind != "prune":  # every training or test stage states its epochs (or how Scratch-B gets them)
-            assert re.search(r"\(\d+ epochs\)|epochs = int\(", line), line
-    assert not out.exists(), "a dry run must not write anything"
-
-
-def test_quickstart_plan_has_every_stage_per_seed(monkeypatch) -> None:
-    monkeypatch.chdir(REPO)
-    exp = load_experiment("configs/experiments/quickstart.yaml")
-    protocol = Protocol(exp, Path("/nonexistent/quickstart"))
-    stages = protocol.plan()
-    (variant,) = [v["name"] for v in exp["variants"]]
-    kinds = ["large", "prune", "pruned", "finetune", "scratch_e", "scratch_b"]
-    assert [(s.seed, s.kind) for s in stages] == [(seed, k) for seed in exp["seeds"] for k in kinds]
-    assert len(exp["seeds"]) >= 2
-    by_kind = {s.kind: s for s in stages if s.seed == exp["seeds"][0]}
-    assert by_kind["large"].epochs == by_kind["scratch_e"].epochs == protocol.epochs > 0
-    assert by_kind["pruned"].epochs == 0
-    assert by_kind["finetune"].epochs < protocol.epochs  # fine-tuning is short
-    for kind in ("pruned", "finetune", "scratch_e", "scratch_b"):
-        st = by_kind[kind]
-        assert st.variant == variant
-        assert f"--model.artifact={st.dir.parent / 'prune' / 'pruned.pt'}" in st.command
-        assert ("--model.regime=finetune" if kind in ("pruned", "finetune") else "--model.regime=scratch") in st.command
-        assert f"--seed_everything={st.seed}" in st.command
-        assert st.command[1:3] == ["-m", "lit_prune.stage"]
-
-
-def test_predefined_architectures_plan_scratch_runs_only(monkeypatch, tmp_path) -> None:
-    monkeypatch.chdir(REPO)
-    exp = load_experiment("configs/experiments/thinet_vgg16.yaml")
-    stages = Protocol(exp, tmp_path / "out").plan()
-    assert {s.kind for s in stages} == {"large", "prune", "scratch_e", "scratch_b"}  # nothing pruned to test
-    gap = next(s for s in stages if s.variant == "thinet_gap" and s.kind == "prune")
-    assert "--arch=vgg16_gap" in gap.command and "--width-config=thinet_gap" in gap.command
-    scratch = next(s for s in stages if s.variant == "thinet_gap" and s.kind == "scratch_e")
-    assert "--model.arch=vgg16_gap" in scratch.command
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/experiments/thinet_vgg16.yaml").read_text()),
-                                   "regimes": {"finetune": {}, "scratch_e": {}}}))
-    with pytest.raises(ExperimentError, match="drop the finetune regime"):
-        load_experiment(bad)
-
-
 # ---- a whole tiny experiment, stages in-process ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One run of a 2-seed experiment (L1 variant; fine-tune, Scratch-E, Scratch-B), shared by the tests below."""
+    """One run of a 2-seed experiment (L1 variant; fine-tune, Scratch-E, Scratch-B), read by the tests below
+    and never written to (see ``tiny_copy``)."""
     root = tmp_path_factory.mktemp("rethink")
     config = _write_experiment(root / "tiny.yaml")
     out = root / "out"
@@ -146,6 +87,15 @@ def tiny_run(tmp_path_factory):
         torch.set_num_threads(threads)
         mp.undo()
     return {"root": root, "config": config, "out": out, "results": results}
+
+
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path: Path, monkeypatch) -> dict:
+    """A copy of the tiny run's directory, for a test that runs the experiment again."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    monkeypatch.chdir(tiny_run["root"])
+    return {**tiny_run, "out": out}
 
 
 def _metrics(out: Path, seed: int, stage: str) -> dict:
@@ -225,16 +175,23 @@ def test_every_retrained_model_is_a_loadable_artifact(tiny_run) -> None:
         assert large["flops"]["pruned"]["macs"] == pruned["flops"]["dense"]["macs"]
 
 
-def test_second_run_skips_every_stage_and_gives_the_same_results(tiny_run, monkeypatch, capsys) -> None:
-    out = tiny_run["out"]
+def test_the_directory_records_its_config_and_hash(tiny_run) -> None:
+    marker = json.loads((tiny_run["out"] / "experiment.json").read_text())
+    config = load_experiment(tiny_run["config"])
+    assert marker["hash"] == config.hash and marker["hash_version"] == 2
+    assert marker["config"] == json.loads(json.dumps(config.to_dict()))
+    assert marker["files"] == config.file_digests() and list(marker["files"])[0] == config.base
+
+
+def test_second_run_skips_every_stage_and_gives_the_same_results(tiny_copy, monkeypatch, capsys) -> None:
+    out = tiny_copy["out"]
     before = (out / "results.json").read_text()
 
     def refuse(self, st, verbose):
         raise AssertionError(f"{st.label} ran again")
 
     monkeypatch.setattr(Protocol, "_execute", refuse)
-    monkeypatch.chdir(tiny_run["root"])
-    Protocol(load_experiment(tiny_run["config"]), out).run()
+    Protocol(load_experiment(tiny_copy["config"]), out).run()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
     assert len(lines) == 12 and all(ln.endswith(": done, skipped") for ln in lines), lines
     assert (out / "results.json").read_text() == before
@@ -257,8 +214,8 @@ def test_another_config_is_refused_and_the_directory_left_untouched(tiny_run, mo
     assert _snapshot(out) == before
 
 
-def test_a_stage_with_corrupted_metrics_is_run_again(tiny_run, monkeypatch, capsys) -> None:
-    out = tiny_run["out"]
+def test_a_stage_with_corrupted_metrics_is_run_again(tiny_copy, monkeypatch, capsys) -> None:
+    out = tiny_copy["out"]
     stage = out / "seed1" / "l1" / "scratch_e"
     good = json.loads((stage / "metrics.json").read_text())
     results_before = json.loads((out / "results.json").read_text())
@@ -270,8 +227,7 @@ def test_a_stage_with_corrupted_metrics_is_run_again(tiny_run, monkeypatch, caps
         execute_in_process(self, st, verbose)
 
     monkeypatch.setattr(Protocol, "_execute", record)
-    monkeypatch.chdir(tiny_run["root"])
-    results = Protocol(load_experiment(tiny_run["config"]), out).run()
+    results = Protocol(load_experiment(tiny_copy["config"]), out).run()
     assert ran == ["seed 1 | l1 | scratch_e"]
     assert "seed 1 | l1 | scratch_e: done, skipped" not in capsys.readouterr().out
     again = json.loads((stage / "metrics.json").read_text())
@@ -282,30 +238,65 @@ def test_a_stage_with_corrupted_metrics_is_run_again(tiny_run, monkeypatch, caps
         assert results["variants"]["l1"]["rows"][row]["acc1"] == results_before["variants"]["l1"]["rows"][row]["acc1"]
 
 
-# ---- resume, in-process ---------------------------------------------------------------------------
+# ---- the directory check: a changed file named in args, and directories made under the old hash ----
 
-def test_stage_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_stage(tmp_path: Path, monkeypatch) -> None:
-    """Also from a checkpoint written in another directory (the experiment was moved): the stage still
-    writes its own last.ckpt, never a last-v1.ckpt that a later resume or the pruning step would miss."""
+def _tied(tmp_path: Path, monkeypatch, **overrides) -> tuple[Path, Path]:
     monkeypatch.chdir(tmp_path)
-    common = [f"--config={REPO / 'configs' / 'quickstart.yaml'}", "--seed_everything=3", "--trainer.logger=false",
-              "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-              "--trainer.limit_test_batches=2", "--data.batch_size=16", "--trainer.deterministic=true",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-              "--checkpoint.save_top_k=-1"]
-    full = run_stage([f"--stage_dir={tmp_path / 'a'}", *common])
-    moved = tmp_path / "b" / "checkpoints"
-    moved.mkdir(parents=True)
-    shutil.copy(tmp_path / "a" / "checkpoints" / "epoch000.ckpt", moved / "last.ckpt")  # killed after epoch 1
-    resumed = run_stage([f"--stage_dir={tmp_path / 'b'}", *common])
+    config = _write_experiment(tmp_path / "exp.yaml", **overrides)
+    out = tmp_path / "out"
+    Protocol(load_experiment(config), out).prepare()
+    return config, out
 
-    keys = ("acc1", "acc5", "loss", "epochs", "max_epochs")
-    assert {k: resumed[k] for k in keys} == {k: full[k] for k in keys}
-    wa = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
-    wb = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert sorted(p.name for p in moved.glob("last*")) == ["last.ckpt"]
-    assert torch.load(moved / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
+
+def test_editing_a_config_named_in_args_protects_the_directory(tmp_path: Path, monkeypatch) -> None:
+    callback = tmp_path / "callback.yaml"
+    callback.write_text("model:\n  lr: 0.1\n")
+    config, out = _tied(tmp_path, monkeypatch, large={"args": [f"--config={callback}"]})
+    Protocol(load_experiment(config), out).prepare()  # the same config: accepted
+    callback.write_text("model:\n  lr: 0.2\n")
+    before = _snapshot(out)
+    with pytest.raises(ExperimentError, match=rf"another config .*files that differ: {callback}; use another --out"):
+        Protocol(load_experiment(config), out).prepare()
+    assert _snapshot(out) == before
+
+
+def _make_legacy(out: Path, config: Path) -> dict:
+    """experiment.json as the previous version wrote it (no hash_version, the old hash)."""
+    exp = load_experiment(config)
+    old = {"name": exp.name, "hash": exp.legacy_hash, "config": yaml.safe_load(config.read_text())}
+    (out / "experiment.json").write_text(json.dumps(old))
+    return old
+
+
+def test_a_directory_of_the_old_hash_is_re_tied_when_the_old_hash_covered_everything(tmp_path, monkeypatch,
+                                                                                       capsys) -> None:
+    config, out = _tied(tmp_path, monkeypatch)
+    old = _make_legacy(out, config)
+    exp = load_experiment(config)
+    Protocol(exp, out).prepare()
+    assert f"written under the older config hash {old['hash']}" in capsys.readouterr().out
+    marker = json.loads((out / "experiment.json").read_text())
+    assert marker["hash"] == exp.hash and marker["hash_version"] == 2
+    Protocol(exp, out).prepare()  # and from now on the new hash
+
+
+def test_a_directory_of_the_old_hash_with_unhashed_files_gets_a_clear_message(tmp_path, monkeypatch) -> None:
+    callback = tmp_path / "callback.yaml"
+    callback.write_text("model:\n  lr: 0.1\n")
+    config, out = _tied(tmp_path, monkeypatch, large={"args": [f"--config={callback}"]})
+    old = _make_legacy(out, config)
+    exp = load_experiment(config)
+    before = _snapshot(out)
+    with pytest.raises(ExperimentError) as err:
+        Protocol(exp, out).prepare()
+    message = str(err.value)
+    assert "older lit-prune" in message and str(callback) in message and old["hash"] in message
+    assert f'set "hash" in {out / "experiment.json"} to {exp.hash}' in message
+    assert _snapshot(out) == before
+    # another config under the old hash is still another config, and says why it cannot tell more
+    other = _write_experiment(tmp_path / "other.yaml", seeds=[5], large={"args": [f"--config={callback}"]})
+    with pytest.raises(ExperimentError, match=r"another config .*written by an older lit-prune"):
+        Protocol(load_experiment(other), out).prepare()
 
 
 # ---- kill and resume: a real process tree ---------------------------------------------------------
@@ -369,33 +360,7 @@ def test_killed_runner_resumes_to_the_results_of_an_uninterrupted_run(tmp_path: 
         json.loads((reference / "results.json").read_text())["variants"]["l1"]["rows"]["scratch_e"]["acc1"]
 
 
-# ---- DDP: one retraining stage on two CPU processes ----------------------------------------------
-
-def test_retraining_stage_under_ddp_writes_one_metrics_file_and_one_model(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = create_model("cifar_vgg11", cfg=[16, "M", 32, "M", 64, 64, "M", 128, 128, "M", 128, 128], num_classes=10)
-    artifact = tmp_path / "pruned.pt"
-    L1FilterPruning(prune_ratio=0.3).prune(model.eval(), path=str(artifact))
-    stage = tmp_path / "stage"
-    cmd = [sys.executable, "-m", "lit_prune.stage", f"--stage_dir={stage}",
-           f"--config={REPO / 'configs' / 'quickstart.yaml'}", "--seed_everything=0",
-           f"--model.artifact={artifact}", "--model.regime=scratch", "--trainer.logger=false",
-           "--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
-           "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
-           "--data.batch_size=16", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-           "--trainer.enable_model_summary=false"]
-    run_process(cmd, tmp_path, clean_env())
-
-    assert sorted(p.name for p in stage.rglob("metrics.json")) == ["metrics.json"]
-    assert sorted(p.name for p in stage.rglob("*.pt")) == ["model.pt"]
-    assert not list(stage.rglob("*.tmp"))
-    metrics = json.loads((stage / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["epochs"] == 1 and metrics["regime"] == "scratch"
-    assert 0.0 <= metrics["acc1"] <= 1.0
-    art = load_artifact(stage / "model.pt")
-    assert art["architecture"] == load_artifact(artifact)["architecture"]
-    assert (stage / "checkpoints" / "last.ckpt").is_file()
-
+# ---- a variant whose artifact the large run's callback writes ----------------------------------------
 
 def test_variant_from_training_adopts_the_artifact_the_large_run_wrote(tmp_path: Path, monkeypatch) -> None:
     # SFP prunes during training: its callback writes sfp-masked.pt into the large stage's log directory

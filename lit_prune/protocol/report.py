@@ -1,0 +1,133 @@
+"""Collection and reporting: every stage's metrics into ``results.json``, ``results.md`` and ``results.png``.
+
+Tables report the final-epoch test accuracy, mean ± std over seeds, with rows for the unpruned model,
+the pruned model before retraining and every regime.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lit_prune.protocol.config import ExperimentConfig
+from lit_prune.protocol.layout import RunLayout, read_metrics
+
+LABELS = {"unpruned": "Unpruned", "pruned": "Pruned (no retraining)", "finetune": "Fine-tuned",
+          "scratch_e": "Scratch-E", "scratch_b": "Scratch-B"}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def collect(config: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
+    """Gather every stage's metrics into ``{variant: {row: {...}}}``."""
+    from lit_prune.artifact import load_artifact
+
+    results: dict[str, Any] = {"name": config.name, "seeds": list(config.seeds), "variants": {}}
+    for v in config.variants:
+        rows: dict[str, Any] = {}
+        for row in ("unpruned", "pruned", *config.regimes):
+            per_seed = [m for m in (read_metrics(layout.row_dir(seed, v.name, row)) for seed in config.seeds)
+                        if m is not None]
+            if not per_seed:
+                continue
+            accs = [100 * m["acc1"] for m in per_seed]
+            mean, std = _mean_std(accs)
+            rows[row] = {
+                "acc1_mean": mean, "acc1_std": std, "n": len(accs), "acc1": accs,
+                # global-threshold methods can give each seed its own width, hence its own Scratch-B budget
+                "epochs": sorted({m["max_epochs"] for m in per_seed}),
+                "milestones": per_seed[0].get("milestones"),
+                "macs": per_seed[0].get("macs"), "params": per_seed[0].get("params"),
+                "wall_time_s": statistics.fmean(m["wall_time_s"] for m in per_seed),
+                "paper": config.paper.get(v.name, {}).get(row),
+            }
+        art_path = layout.artifact(config.seeds[0], v.name)
+        flops = load_artifact(art_path)["flops"] if art_path.is_file() else None
+        results["variants"][v.name] = {"rows": rows, "flops": flops}
+    return results
+
+
+def results_table(config: ExperimentConfig, results: dict[str, Any]) -> str:
+    """``results.md``: per variant its size and one row per stage kind."""
+    lines = [f"# {config.name}", "",
+             f"Final-epoch test top-1 accuracy (%), mean ± std over seeds {list(config.seeds)}.", ""]
+    for name, v in results["variants"].items():
+        f = v["flops"]
+        if f:
+            lines.append(f"**{name}**: {f['pruned']['macs']:,} MACs, {f['pruned']['params']:,} params "
+                         f"(unpruned {f['dense']['macs']:,} MACs, {f['dense']['params']:,} params; "
+                         f"FLOPs ratio r = {f['ratio']:.3f})")
+            lines.append("")
+        lines += ["| | accuracy | n | epochs | wall time / seed | paper |", "|---|---|---|---|---|---|"]
+        for row, r in v["rows"].items():
+            regime = config.regimes.get(row)
+            ms = f" (LR steps {r['milestones']})" if regime is not None and regime.compute and len(
+                r["epochs"]) == 1 and r.get("milestones") else ""
+            lines.append(f"| {LABELS.get(row, row)} | {r['acc1_mean']:.2f} ± {r['acc1_std']:.2f} | {r['n']} | "
+                         f"{'/'.join(map(str, r['epochs']))}{ms} | {r['wall_time_s']:.0f} s | {r['paper'] or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(config: ExperimentConfig, layout: RunLayout, results: dict[str, Any]) -> None:
+    from lit_prune.artifact import atomic_save_json
+
+    atomic_save_json(results, layout.results_json)
+    tmp = layout.results_md.with_name(f".{layout.results_md.name}.tmp")
+    tmp.write_text(results_table(config, results))
+    tmp.replace(layout.results_md)
+    plot(results, layout.results_png)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy per regime with error bars; accuracy against FLOPs when several variants ran.
+
+    Draws on its own ``Figure`` (Agg canvas): matplotlib's global backend and pyplot's figures are left alone.
+    """
+    from matplotlib.figure import Figure
+
+    variants = results["variants"]
+    rows_all = list(dict.fromkeys(r for v in variants.values() for r in v["rows"]))
+    several = len(variants) > 1
+    fig = Figure(figsize=(11 if several else 6, 4))
+    axes = fig.subplots(1, 2 if several else 1, squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / max(len(variants), 1)
+    for j, (name, v) in enumerate(variants.items()):
+        rows = [r for r in rows_all if r in v["rows"]]
+        xs = [rows_all.index(r) + j * width for r in rows]
+        means = [v["rows"][r]["acc1_mean"] for r in rows]
+        bars = ax.bar(xs, means, width, yerr=[v["rows"][r]["acc1_std"] for r in rows], capsize=3, label=name)
+        ax.bar_label(bars, labels=[f"{m:.2f}" for m in means], fontsize=7, padding=2)
+    names = [LABELS.get(r, r).split(" (")[0] for r in rows_all]
+    if "pruned" in rows_all:  # its bar usually falls below the zoomed axis: give its value in the label
+        pruned = [f"{v['rows']['pruned']['acc1_mean']:.1f}" for v in variants.values() if "pruned" in v["rows"]]
+        names[rows_all.index("pruned")] = f"Pruned\n({', '.join(pruned)})"
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows_all))], names, rotation=20)
+    # zoom on the trained models; the pruned-but-not-retrained bar may fall below (its value is printed)
+    accs = [r["acc1_mean"] for v in variants.values() for k, r in v["rows"].items() if k != "pruned"]
+    if accs:
+        ax.set_ylim(max(0.0, min(accs) - 3), min(100.0, max(accs) + 1.5))
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(results["name"])
+    ax.legend(title="pruned model", loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(variants), 4),
+              fontsize=8)
+    if several:
+        ax2 = axes[0][1]
+        for regime in [r for r in rows_all if r not in ("unpruned", "pruned")]:
+            pts = sorted((v["flops"]["pruned"]["macs"], v["rows"][regime]["acc1_mean"], v["rows"][regime]["acc1_std"])
+                         for v in variants.values() if v["flops"] and regime in v["rows"])
+            if pts:
+                ax2.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", capsize=3,
+                             label=LABELS.get(regime, regime))
+        ax2.set_xlabel("MACs of the pruned model")
+        ax2.set_ylabel("test top-1 accuracy (%)")
+        if ax2.get_legend_handles_labels()[0]:  # no point without the variants' artifacts (their MACs)
+            ax2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)

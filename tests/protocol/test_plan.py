@@ -1,0 +1,98 @@
+"""Planning (``lit_prune.protocol.plan``) and the directory layout: every shipped experiment dry-runs, the
+quickstart's stages and commands, predefined architectures, and the paths of a run (the on-disk contract
+that lets an existing run resume)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_prune.protocol import ExperimentError, Protocol, RunLayout, load_experiment
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_config_loads_and_dry_runs(path: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(REPO)  # configs name their files relative to the repository root
+    exp = load_experiment(path.relative_to(REPO))
+    out = tmp_path / "out"
+    protocol = Protocol(exp, out)
+    stages = protocol.plan()
+    assert protocol.run(dry_run=True) == {}
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    per_variant = [2 + len(exp.regimes) - bool(v.width_config) for v in exp.variants]  # no "pruned"
+    assert len(printed) == len(stages) == len(exp.seeds) * (1 + sum(per_variant))
+    for line, st in zip(printed, stages, strict=True):
+        assert line.startswith(f"[{stages.index(st) + 1}/{len(stages)}] {st.label}")
+        if st.kind != "prune":  # every training or test stage states its epochs (or how Scratch-B gets them)
+            assert re.search(r"\(\d+ epochs\)|epochs = int\(", line), line
+    assert not out.exists(), "a dry run must not write anything"
+
+
+def test_quickstart_plan_has_every_stage_per_seed(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    exp = load_experiment("configs/experiments/quickstart.yaml")
+    protocol = Protocol(exp, Path("/nonexistent/quickstart"))
+    stages = protocol.plan()
+    (variant,) = [v.name for v in exp.variants]
+    kinds = ["large", "prune", "pruned", "finetune", "scratch_e", "scratch_b"]
+    assert [(s.seed, s.kind) for s in stages] == [(seed, k) for seed in exp.seeds for k in kinds]
+    assert len(exp.seeds) >= 2
+    by_kind = {s.kind: s for s in stages if s.seed == exp.seeds[0]}
+    assert by_kind["large"].epochs == by_kind["scratch_e"].epochs == protocol.epochs > 0
+    assert by_kind["pruned"].epochs == 0
+    assert by_kind["finetune"].epochs < protocol.epochs  # fine-tuning is short
+    for kind in ("pruned", "finetune", "scratch_e", "scratch_b"):
+        st = by_kind[kind]
+        assert st.variant == variant
+        assert f"--model.artifact={st.dir.parent / 'prune' / 'pruned.pt'}" in st.command
+        assert ("--model.regime=finetune" if kind in ("pruned", "finetune") else "--model.regime=scratch") in st.command
+        assert f"--seed_everything={st.seed}" in st.command
+        assert st.command[1:3] == ["-m", "lit_prune.stage"]
+
+
+def test_predefined_architectures_plan_scratch_runs_only(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(REPO)
+    exp = load_experiment("configs/experiments/thinet_vgg16.yaml")
+    stages = Protocol(exp, tmp_path / "out").plan()
+    assert {s.kind for s in stages} == {"large", "prune", "scratch_e", "scratch_b"}  # nothing pruned to test
+    gap = next(s for s in stages if s.variant == "thinet_gap" and s.kind == "prune")
+    assert "--arch=vgg16_gap" in gap.command and "--width-config=thinet_gap" in gap.command
+    scratch = next(s for s in stages if s.variant == "thinet_gap" and s.kind == "scratch_e")
+    assert "--model.arch=vgg16_gap" in scratch.command
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/experiments/thinet_vgg16.yaml").read_text()),
+                                   "regimes": {"finetune": {}, "scratch_e": {}}}))
+    with pytest.raises(ExperimentError, match="drop the finetune regime"):
+        load_experiment(bad)
+
+
+def test_every_stage_directory_comes_from_the_layout(monkeypatch, tmp_path) -> None:
+    """The on-disk layout of a run, spelled out: a directory written by an earlier version still resumes."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    layout = RunLayout(out)
+    protocol = Protocol(load_experiment("configs/experiments/quickstart_lottery.yaml"), out)
+    for st in protocol.plan():
+        expected = out / f"seed{st.seed}" / ("large" if st.variant is None else f"{st.variant}/{st.kind}")
+        assert st.dir == expected == layout.stage_dir(st.seed, st.variant, st.kind)
+        if st.kind == "prune":
+            assert f"--out={out / f'seed{st.seed}' / st.variant / 'prune' / 'pruned.pt'}" in st.command
+        if st.variant == "round2" and st.kind == "prune":  # round 2 prunes round 1's winning ticket
+            assert f"--checkpoint={out / f'seed{st.seed}' / 'round1' / 'winning_ticket' / 'model.pt'}" in st.command
+        if st.kind not in ("prune", "large"):
+            yaml_doc = protocol.planner.stage_yaml(st)["trainer"]["logger"]["init_args"]
+            assert yaml_doc == {"save_dir": str(out / "tb"), "name": f"{st.variant}/{st.kind}",
+                                "version": f"seed{st.seed}"}
+            assert f"--config={st.dir / 'stage.yaml'}" in st.command
+    assert layout.marker == out / "experiment.json"
+    assert layout.large_checkpoint(1) == out / "seed1" / "large" / "checkpoints" / "last.ckpt"
+    assert layout.training_artifact_places(0) == [out / "tb" / "large" / "seed0", out / "seed0" / "large"]
+    assert [layout.results_md, layout.results_json, layout.results_png] == [
+        out / "results.md", out / "results.json", out / "results.png"]
+    assert layout.row_dir(0, "round1", "unpruned") == out / "seed0" / "large"

@@ -60,7 +60,13 @@ class Protocol:
         if not marker.is_file():
             self._write_marker()
             return
-        old = json.loads(marker.read_text())
+        try:
+            old = json.loads(marker.read_text())
+        except ValueError:
+            old = None
+        if not isinstance(old, dict):
+            raise ExperimentError(f"{marker} is not an experiment record (it does not read back as JSON); use "
+                                  "another --out, or delete that directory to start over")
         if old.get("hash") == self.hash:
             return
         if "hash_version" not in old and old.get("hash") == self.config.legacy_hash:

@@ -379,3 +379,10 @@ def test_variant_from_training_adopts_the_artifact_the_large_run_wrote(tmp_path:
     assert len(written) == 1 and adopted.read_bytes() == written[0].read_bytes()
     assert load_artifact(adopted)["provenance"]["method"] == "sfp"
     assert json.loads((out / "seed0" / "sfp" / "scratch_e" / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_an_unreadable_experiment_record_is_refused(tmp_path: Path, monkeypatch) -> None:
+    config, out = _tied(tmp_path, monkeypatch)
+    (out / "experiment.json").write_text('{"name": "tiny", ')
+    with pytest.raises(ExperimentError, match="is not an experiment record"):
+        Protocol(load_experiment(config), out).prepare()

@@ -5,7 +5,14 @@
 """
 
 # importing a family module registers its models and named width configs
-from lit_prune.models import cifar_resnet, densenet, imagenet_resnet, preact_resnet, preresnet, vgg  # noqa: F401
+from lit_prune.models import (  # noqa: F401  (registers the families)
+    cifar_preresnet,
+    cifar_resnet,
+    densenet,
+    imagenet_preact_resnet,
+    imagenet_resnet,
+    vgg,
+)
 from lit_prune.models.base import ChannelSelection, ZooModel
 from lit_prune.models.registry import (
     architecture,

@@ -26,8 +26,8 @@ from lit_prune.core.groups import channel_groups
 from lit_prune.core.masks import apply_masks
 from lit_prune.core.surgery import prune_groups
 from lit_prune.models import architecture, create_model, get_width_config, get_width_config_kwargs
+from lit_prune.models.imagenet_preact_resnet import PreActBottleneck, PreActResNet
 from lit_prune.models.imagenet_resnet import resnet50_2x_selection
-from lit_prune.models.preact_resnet import PreActBottleneck, PreActResNet
 from lit_prune.module import ImageClassifier
 from tests.helpers import masks_from_keeps, randomize_bn
 

@@ -14,7 +14,7 @@ from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.core.masks import apply_masks, group_masks, merge
 from lit_prune.core.surgery import prune_groups
 from lit_prune.models import ChannelSelection, architecture, create_model, list_models
-from lit_prune.models.preresnet import PreResNet
+from lit_prune.models.cifar_preresnet import PreResNet
 
 # depth 11 = 9 * 1 + 2: one bottleneck block per stage, selection points see 16, 64, 128 and 256 channels
 TINY = {"slim_preresnet": {"depth": 11}, "bearpaw_preresnet": {"depth": 11}}

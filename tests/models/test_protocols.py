@@ -22,8 +22,8 @@ from lit_prune.core.reconstruct import add_channel_samplers
 from lit_prune.models import architecture, create_model, list_models
 from lit_prune.models import base as zoo_base
 from lit_prune.models.cifar_resnet import CifarResNet
+from lit_prune.models.imagenet_preact_resnet import PreActResNet
 from lit_prune.models.imagenet_resnet import ImageNetResNet
-from lit_prune.models.preact_resnet import PreActResNet
 
 RESIDUAL = [n for n in list_models() if "resnet" in n]
 

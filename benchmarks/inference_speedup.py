@@ -194,7 +194,7 @@ def export_times(
         t0 = time.perf_counter()
         keeps = cb.select(dense)
         t1 = time.perf_counter()
-        art = cb.export(dense, keeps, method=cb.method, settings=cb.settings(), path=None)
+        art = cb.export(dense, keeps, path=None)
         t2 = time.perf_counter()
         save_artifact(art, path)
         t3 = time.perf_counter()

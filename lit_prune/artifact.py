@@ -21,62 +21,39 @@ Load it without Lightning in two lines::
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
 from lit_prune import __version__
-from lit_prune.core.flops import count_flops
+from lit_prune.core.flops import count_flops, macs_ratio
 from lit_prune.core.masks import apply_masks
+from lit_prune.io import atomic_save
 from lit_prune.models import architecture, create_model
 
 FORMAT = "lit-prune-artifact"
 VERSION = 1
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through ``write(file)`` to a temporary file beside ``path``, then rename it into place.
-
-    A crash never leaves a half-written file, and an existing file at ``path`` stays intact until the
-    new one is complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the permissions of a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def flops_summary(model: nn.Module, dense: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """``{"dense", "pruned": {"macs", "params"}, "ratio"}`` of a pruned (or masked) ``model``.
+
+    The pruned model counts its non-zero weights only (masked methods); ``dense`` is the large model's
+    counts (None: the model itself, ratio 1). The ratio ``dense MACs / pruned MACs`` is Scratch-B's.
+    """
+    report = count_flops(model, nonzero=True)
+    pruned = {"macs": report.macs, "params": report.params}
+    dense = dict(dense) if dense is not None else pruned
+    return {"dense": dense, "pruned": pruned, "ratio": macs_ratio(dense["macs"], pruned["macs"])}
 
 
 def make_artifact(
@@ -100,17 +77,14 @@ def make_artifact(
         masks: parameter masks the next stage must keep enforcing.
         init_state: theta_0 of a lottery-ticket run.
     """
-    pruned = count_flops(model, nonzero=True)
-    pruned_counts = {"macs": pruned.macs, "params": pruned.params}
-    dense = dict(dense) if dense is not None else pruned_counts
     return {
         "format": FORMAT,
         "version": VERSION,
         "architecture": architecture(model),
-        "input_size": list(pruned.input_size),
+        "input_size": list(count_flops(model).input_size),
         "state_dict": _cpu(model.state_dict()),
         "masks": {k: v.detach().cpu().bool() for k, v in (masks or {}).items()},
-        "flops": {"dense": dense, "pruned": pruned_counts, "ratio": dense["macs"] / max(pruned.macs, 1)},
+        "flops": flops_summary(model, dense),
         "provenance": {
             "method": method,
             "settings": dict(settings or {}),

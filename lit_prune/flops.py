@@ -19,7 +19,7 @@ from typing import Any
 
 from lit_prune.artifact import build_model, load_artifact
 from lit_prune.core.budget import RULES, scratch_b_budget
-from lit_prune.core.flops import FlopsReport, count_flops
+from lit_prune.core.flops import FlopsReport, count_flops, macs_ratio
 from lit_prune.models import create_model, list_models, list_width_configs
 
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--scratch-b uses the artifact's unpruned FLOPs, counted at the model's own input size: "
                      "drop --input-size")
     report = count_flops(model, tuple(args.input_size) if args.input_size else None, nonzero=args.nonzero)
+    ratio = macs_ratio(extra["dense"]["macs"], report.macs) if "dense" in extra else None
     if args.scratch_b is not None:
-        ratio = extra["dense"]["macs"] / max(report.macs, 1)
         try:
             extra["scratch_b"] = scratch_b_budget(args.scratch_b, ratio, rule=args.rule, cap=args.cap,
                                                   base_milestones=args.base_milestones).to_dict()
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if "dense" in extra:
             d = extra["dense"]
             print(f"unpruned: {d['macs']:,} MACs, {d['params']:,} parameters; "
-                  f"FLOPs ratio {d['macs'] / max(report.macs, 1):.3f} ({extra['method']})")
+                  f"FLOPs ratio {ratio:.3f} ({extra['method']})")
         if "scratch_b" in extra:
             b = extra["scratch_b"]
             print(f"Scratch-B: {b['epochs']} epochs (x{b['factor']:.3f} of {args.scratch_b}), LR milestones "

@@ -16,15 +16,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_prune.artifact import build_model, load_artifact
 from lit_prune.core.flops import count_flops
 from lit_prune.core.init import reinit_masked_
-from lit_prune.core.masks import apply_masks, mask_gradients
+from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.schedule import PiecewiseConstant, milestones_for
+from lit_prune.methods.params import optimizer_parameters
+from lit_prune.methods.state import CHECKPOINT_KEY, PruneState
 from lit_prune.models import architecture, create_model
 
 log = logging.getLogger(__name__)
 
 REGIMES = ("finetune", "scratch", "rewind")
-#: parameter attribute: ``"callback"`` keeps the parameter out of :meth:`ImageClassifier.configure_optimizers`
-OPTIMIZER_MARK = "lit_prune_optimizer"
 
 
 class ImageClassifier(pl.LightningModule):
@@ -37,7 +37,8 @@ class ImageClassifier(pl.LightningModule):
         model_kwargs: further constructor arguments of the zoo model (e.g. ``select``).
         lr: initial learning rate.
         momentum: SGD momentum.
-        weight_decay: applied to every parameter (BN included), as the reference code does.
+        weight_decay: applied to every parameter the optimizer updates (BN included), as the reference code
+            does; parameters a pruning method updates itself (SSS's block factors) get none.
         nesterov: Nesterov momentum (the SFP scripts use it; the others do not).
         schedule: ``"multistep"``, ``"step"`` or ``"constant"``.
         milestones: epochs of the LR changes for ``"multistep"``; default 50% and 75% of
@@ -87,8 +88,8 @@ class ImageClassifier(pl.LightningModule):
         if regime not in REGIMES:
             raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
         self.save_hyperparameters(ignore=["model"])
-        self.masks: dict[str, torch.Tensor] = {}
-        self.init_state: dict[str, torch.Tensor] | None = None
+        # masks and theta_0 of a masked artifact (kept enforced in every regime, saved in checkpoints)
+        self.prune_state = PruneState()
         if model is None and artifact is not None:
             model = self._from_artifact(artifact, regime, arch, num_classes)
         elif model is None:
@@ -123,37 +124,49 @@ class ImageClassifier(pl.LightningModule):
         if classes is not None and classes != num_classes:
             raise ValueError(f"the artifact {path} was pruned for {classes} classes but the data "
                              f"has {num_classes}; use an artifact pruned on this dataset")
-        self.masks = {k: v.bool() for k, v in art.get("masks", {}).items()}
-        self.init_state = art.get("init_state")  # theta_0 travels on, for the next lottery round
-        if regime == "scratch" and self.masks:
-            reinit_masked_(model, self.masks)
+        state = self.prune_state
+        state.set_masks(art.get("masks", {}))
+        state.init_state = art.get("init_state")  # theta_0 travels on, for the next lottery round
+        if regime == "scratch" and state.masks:
+            reinit_masked_(model, state.masks)
         elif regime == "rewind":
-            if self.init_state is None:
+            if state.init_state is None:
                 raise ValueError(f"the artifact {path} holds no initialisation theta_0 to rewind to; prune with "
                                  "keep_init: true (and a masked method) for lottery tickets")
             try:
-                model.load_state_dict(self.init_state)
+                model.load_state_dict(state.init_state)
             except RuntimeError:
                 raise ValueError(f"theta_0 in {path} does not fit its pruned architecture; rewinding needs a "
                                  "masked artifact (e.g. L1FilterPruning mode: mask)") from None
-            apply_masks(model, self.masks)
+            state.after_optimizer_step(model)
         return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The masks of the artifact this run started from (empty otherwise)."""
+        return self.prune_state.masks
+
+    @property
+    def init_state(self) -> dict[str, torch.Tensor] | None:
+        """theta_0 carried by the artifact (lottery tickets), or None."""
+        return self.prune_state.init_state
+
     # Masks of masked artifacts stay enforced: gradients before the step, weights and momentum after.
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.masks:
-            mask_gradients(self.model, self.masks)
+        self.prune_state.before_optimizer_step(self.model)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.masks:
-            apply_masks(self.model, self.masks, self.trainer.optimizers[0])
+        self.prune_state.after_optimizer_step(self.model, self.trainer.optimizers[0])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.masks = dict(checkpoint.get("lit_prune_masks", {}))
-        self.init_state = checkpoint.get("lit_prune_init_state", self.init_state)
+        restored = PruneState.from_module_checkpoint(checkpoint)
+        if restored is not None:
+            if restored.init_state is None:  # an older checkpoint without theta_0 keeps the artifact's
+                restored.init_state = self.prune_state.init_state
+            self.prune_state = restored
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
@@ -182,9 +195,9 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # A callback that updates some parameters itself marks them (``lit_prune_optimizer = "callback"``, e.g.
-        # SSS's block factors, which get a proximal step and no weight decay): SGD leaves them alone.
-        params = [p for p in self.parameters() if getattr(p, OPTIMIZER_MARK, None) != "callback"]
+        # A pruning method that updates some parameters itself (SSS's block factors: a proximal step, no weight
+        # decay) marks them (lit_prune.methods.params): SGD leaves them alone.
+        params = optimizer_parameters(self)
         optimizer = torch.optim.SGD(
             params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
         )
@@ -217,7 +230,7 @@ class ImageClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Surgery may have changed the widths since __init__: keep the hyper-parameters describing the
         # weights, so that load_from_checkpoint rebuilds the pruned model without the artifact.
-        if hasattr(self.model, "zoo_name"):
+        if is_zoo_model(self.model):
             kwargs = dict(architecture(self.model)["kwargs"])
             hp = checkpoint.setdefault("hyper_parameters", {})
             hp["cfg"] = kwargs.pop("cfg", None)
@@ -226,10 +239,8 @@ class ImageClassifier(pl.LightningModule):
             hp["arch"] = self.model.zoo_name
             if hp.get("artifact"):  # the checkpoint now describes the model itself
                 hp["source_artifact"], hp["artifact"] = hp["artifact"], None
-        if self.masks:
-            checkpoint["lit_prune_masks"] = {k: v.cpu() for k, v in self.masks.items()}
-        if self.init_state is not None:  # theta_0 of a lottery ticket travels with its retrained model
-            checkpoint["lit_prune_init_state"] = {k: v.cpu() for k, v in self.init_state.items()}
+        if self.masks or self.init_state is not None:  # theta_0 of a lottery ticket travels with its retrained model
+            checkpoint[CHECKPOINT_KEY] = self.prune_state.state_dict()
 
 
 def _classifier_width(model: nn.Module) -> int | None:

@@ -41,6 +41,7 @@ from torch import nn
 
 from lit_prune.artifact import FORMAT, build_model, load_artifact, make_artifact, read_weights, save_artifact
 from lit_prune.core.flops import count_flops
+from lit_prune.methods.state import checkpoint_states
 from lit_prune.models import create_model, get_width_config_kwargs
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,20 @@ def _instantiate(entry: dict[str, Any]) -> Any:
 
 def load_method(path: str | Path) -> Any:
     """The pruning callback described by a YAML file (an entry, or a config with trainer.callbacks)."""
+    from lit_prune.callbacks.base import PruningCallback  # Lightning: imported only when a method is loaded
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no method config at {path}")
     doc = yaml.safe_load(path.read_text()) or {}
     if "class_path" in doc:
-        return _instantiate(doc)
+        method = _instantiate(doc)
+        if not isinstance(method, PruningCallback):
+            raise ValueError(f"{path} names {type(method).__name__}, which is not a pruning method (one of "
+                             "lit_prune.callbacks: L1FilterPruning, NetworkSlimming, ...)")
+        return method
     entries = (doc.get("trainer") or {}).get("callbacks") or []
-    methods = [m for m in (_instantiate(e) for e in entries if isinstance(e, dict)) if hasattr(m, "prune")]
+    methods = [m for m in (_instantiate(e) for e in entries if isinstance(e, dict)) if isinstance(m, PruningCallback)]
     if len(methods) != 1:
         raise ValueError(f"{path} must describe exactly one pruning callback (class_path + init_args); "
                          f"found {len(methods)}")
@@ -111,11 +118,9 @@ def load_source(
             raise ValueError(f"{checkpoint} is neither a Lightning checkpoint of lit-prune nor an artifact")
         from lit_prune.module import ImageClassifier
 
-        inits = [s["init_state"] for s in obj.get("callbacks", {}).values()
-                 if isinstance(s, dict) and s.get("init_state") is not None]
-        if obj.get("lit_prune_init_state") is not None:  # a retrained lottery ticket's own checkpoint
-            inits.append(obj["lit_prune_init_state"])
-        return ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").model, (inits or [None])[0]
+        # theta_0 of a lottery-ticket run: its callback's state, or a retrained ticket's own (the module's)
+        init = next((s.init_state for s in checkpoint_states(obj) if s.init_state is not None), None)
+        return ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").model, init
     if arch is None or weights is None:
         raise ValueError("give --checkpoint, or --arch with --weights (a state dict, e.g. torchvision's)")
     model = create_model(arch, **({"num_classes": num_classes} if num_classes else {}))
@@ -187,16 +192,17 @@ def main(argv: list[str] | None = None) -> int:
 def _prune(args: argparse.Namespace) -> dict[str, Any]:
     """Prune the large model named by ``args`` with the method of ``args.config``; returns the artifact."""
     method = load_method(args.config)
-    if getattr(method, "needs_data", False) and args.data_config is None:
+    if method.needs_data and args.data_config is None:
         raise ValueError(f"{type(method).__name__} samples training images: give --data-config naming the "
                          "datamodule (a training config works)")
     model, init_state = load_source(args.checkpoint, args.arch, args.weights, args.num_classes)
-    extra: dict[str, Any] = {"init_state": init_state} if init_state is not None else {}
-    if getattr(method, "needs_data", False):
-        extra["dataloader"] = load_datamodule(args.data_config).train_dataloader()
+    dataloader = None
+    if method.needs_data:
+        dataloader = load_datamodule(args.data_config).train_dataloader()
     elif args.data_config is not None:
         log.info("%s uses no data: --data-config is ignored", type(method).__name__)
-    return method.prune(model.eval(), path=args.out, source=args.checkpoint or args.weights, **extra)
+    return method.prune(model.eval(), path=args.out, source=args.checkpoint or args.weights, init_state=init_state,
+                        dataloader=dataloader)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Plumbing shared by the pruning callbacks: mask enforcement, checkpoint state, DDP-safe export."""
+"""Plumbing shared by the pruning callbacks: one pruning state, mask enforcement, DDP-safe export."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,32 +16,18 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.artifact import make_artifact, save_artifact
-from lit_prune.core.flops import count_flops
-from lit_prune.core.groups import channel_groups, group_size
-from lit_prune.core.masks import Masks, apply_masks, mask_gradients
+from lit_prune.artifact import flops_summary, make_artifact, save_artifact
+from lit_prune.core.masks import Masks, apply_masks
+from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.surgery import prune_groups
-from lit_prune.models import create_model
+from lit_prune.methods.state import Counts, PruneState
+
+__all__ = ["PruningCallback", "log_metrics", "unwrap"]
 
 log = logging.getLogger(__name__)
 
-
-def is_zoo_model(model: nn.Module) -> bool:
-    """Whether ``model`` was built by ``lit_prune.models.create_model``, so an artifact can describe it."""
-    return hasattr(model, "zoo_name") and hasattr(model, "arch_kwargs")
-
-
-def target_group_sizes(model: nn.Module, target: str) -> dict[str, int]:
-    """Channels per group of ``model`` under its family's named width config ``target`` (e.g. ``"B"``).
-
-    The target architecture is built and its groups matched to ``model``'s by name; a group missing from
-    it (a residual branch the target drops) is absent from the result.
-    """
-    if not is_zoo_model(model):
-        raise ValueError("target needs a zoo model (built with create_model); use prune_ratio otherwise")
-    kwargs = {k: v for k, v in model.zoo_kwargs.items() if k not in ("cfg", "select")}  # the target brings its own
-    built = create_model(model.zoo_name, cfg=target, **kwargs)
-    return {g.name: group_size(built, g) for g in channel_groups(built)}
+#: constructor arguments that say where files go, not how the method prunes: left out of the provenance
+_NOT_SETTINGS = ("self", "artifact_path", "masked_artifact_path")
 
 
 def unwrap(pl_module: pl.LightningModule) -> nn.Module:
@@ -47,18 +35,26 @@ def unwrap(pl_module: pl.LightningModule) -> nn.Module:
     return getattr(pl_module, "model", pl_module)
 
 
+def log_metrics(trainer: pl.Trainer | None, metrics: Mapping[str, float]) -> None:
+    """Log ``metrics`` once, from global rank 0, at the trainer's step (nothing without a logger)."""
+    if trainer is not None and trainer.logger is not None and trainer.is_global_zero and metrics:
+        trainer.logger.log_metrics(dict(metrics), step=trainer.global_step)
+
+
 class PruningCallback(pl.Callback):
-    """Base class: owns the masks, keeps them enforced, saves them in checkpoints, writes the artifact.
+    """Base class: holds the :class:`~lit_prune.methods.state.PruneState`, keeps its masks enforced, saves it
+    in checkpoints and writes the artifact.
 
     Subclasses decide *what* to prune; this class makes sure that:
 
     * masked weights stay zero: gradients are masked in ``on_before_optimizer_step`` and weights and
       momentum re-masked after every optimizer step (when ``enforce_masks`` is True);
-    * ``fit(ckpt_path=...)`` resumes with the same masks and schedule state (``state_dict``);
-    * under DDP every rank holds rank 0's decision (``broadcast``) and only rank 0 writes files.
-
+    * ``fit(ckpt_path=...)`` resumes with the same masks and schedule state (``state_dict``), each instance
+      under its own ``state_key``, so two callbacks of one method on a Trainer keep their own state;
+    * under DDP every rank holds rank 0's decision (``broadcast``) and only rank 0 writes files;
     * with ``keep_init``, the initialisation theta_0 is saved before the first step, kept in checkpoints
-      (a resumed run still knows the true theta_0) and written into the artifact (lottery tickets).
+      (a resumed run still knows the true theta_0) and written into the artifact (lottery tickets);
+    * the constructor arguments are recorded as they were given (:meth:`settings`), for the provenance.
 
     Args:
         artifact_path: where the pruned artifact is written; a relative path is resolved against the
@@ -66,81 +62,158 @@ class PruningCallback(pl.Callback):
         keep_init: save theta_0 for lottery-ticket rewinding.
     """
 
+    #: the method's name in artifacts and logs
+    method: str = "pruning"
+    #: whether the masks are imposed after every optimizer step (soft methods such as SFP set False)
     enforce_masks: bool = True
+    #: whether :meth:`prune` needs training images (``dataloader=``): the prune CLI's ``--data-config``
+    needs_data: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record the constructor arguments, bound to each __init__'s signature with the defaults filled in:
+        # explicit, and never the callback's own state. Each level merges its own after its parent's (which
+        # runs inside it), so a subclass's values win and a subclass that forwards **kwargs loses nothing.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def __init__(self: PruningCallback, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            for name, value in bound.arguments.items():
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    self._settings.update({k: copy.deepcopy(v) for k, v in value.items() if k not in _NOT_SETTINGS})
+                elif kind is not inspect.Parameter.VAR_POSITIONAL and name not in _NOT_SETTINGS:
+                    self._settings[name] = copy.deepcopy(value)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     def __init__(self, artifact_path: str | None = "pruned.pt", keep_init: bool = False) -> None:
         self.artifact_path = artifact_path
         self.keep_init = keep_init
-        self.masks: Masks = {}
-        self.dense_counts: dict[str, int] | None = None
-        self.init_state: dict[str, torch.Tensor] | None = None
+        self.state = PruneState()
         self.written: str | None = None
+        self._settings: dict[str, Any] = {"keep_init": keep_init}
 
-    # ---- state -------------------------------------------------------------------------------------
+    # ---- the state (views kept for the methods and for callers of earlier versions) ------------------
+    @property
+    def masks(self) -> Masks:
+        return self.state.masks
+
+    @masks.setter
+    def masks(self, masks: Masks) -> None:
+        self.state.masks = dict(masks)
+
+    @property
+    def init_state(self) -> dict[str, torch.Tensor] | None:
+        return self.state.init_state
+
+    @property
+    def dense_counts(self) -> dict[str, int] | None:
+        return self.state.dense.to_dict() if self.state.dense is not None else None
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments as given (defaults filled in), recorded in the artifact's provenance."""
+        return dict(self._settings)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._settings)  # the constructor arguments only, never results
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {k: v.cpu() for k, v in self.masks.items()}, "dense_counts": self.dense_counts,
-                "init_state": self.init_state}
+        return self.state.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.masks = dict(state_dict.get("masks", {}))
-        self.dense_counts = state_dict.get("dense_counts")
-        self.init_state = state_dict.get("init_state")
+        self.state.load_state_dict(state_dict)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores a callback by its exact state_key. A checkpoint of this method saved under
+        # another key (an older lit-prune's class-name key, or changed arguments) would silently lose the
+        # masks and the schedule: adopt it when it is the only one of this class, and refuse to guess
+        # among several.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        name = type(self).__qualname__
+        ours = [k for k in states if isinstance(k, str) and (k == name or k.startswith(name + "{"))]
+        if len(ours) == 1:
+            rank_zero_warn(f"{name}: the checkpoint's state was saved with other arguments ({ours[0]}); "
+                           "resuming with its masks and schedule")
+            states[self.state_key] = states[ours[0]]
+        elif len(ours) > 1:
+            raise ValueError(f"the checkpoint holds {len(ours)} {name} states ({', '.join(ours)}) and none with "
+                             f"this callback's arguments ({self.state_key}); give the arguments of the run that "
+                             "wrote it")
 
     # ---- mask enforcement --------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Runs after a checkpoint restore: a resumed run keeps the theta_0 and counts it saved.
+        # Runs after a checkpoint restore: a resumed run keeps its dense counts and theta_0.
         model = unwrap(pl_module)
-        if self.dense_counts is None:
-            report = count_flops(model)
-            self.dense_counts = {"macs": report.macs, "params": report.params}
-        if self.keep_init and self.init_state is None:
-            self.init_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        self.state.record_dense(model, self.dense_of(model))
+        if self.keep_init:
+            self.state.capture_init(model)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masks and self.enforce_masks:  # restored from a checkpoint: re-impose before any step
-            apply_masks(unwrap(pl_module), self.masks, trainer.optimizers[0] if trainer.optimizers else None)
+        if self.enforce_masks:  # restored from a checkpoint: re-impose before any step
+            self.state.after_optimizer_step(unwrap(pl_module), _optimizer(trainer))
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if self.masks and self.enforce_masks:
-            mask_gradients(unwrap(pl_module), self.masks)
+        if self.enforce_masks:
+            self.state.before_optimizer_step(unwrap(pl_module))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        if self.masks and self.enforce_masks:
-            apply_masks(unwrap(pl_module), self.masks, trainer.optimizers[0] if trainer.optimizers else None)
+        if self.enforce_masks:
+            self.state.after_optimizer_step(unwrap(pl_module), _optimizer(trainer))
 
     # ---- one-shot pruning ---------------------------------------------------------------------------
-    method: str = "pruning"
+    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
+        """Keep vectors ``{group name: bool tensor}`` for ``model`` (implemented by one-shot methods).
 
-    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Keep vectors ``{group name: bool tensor}`` for ``model`` (implemented by one-shot methods)."""
+        Args:
+            model: the trained network.
+            dataloader: training images, for the methods that declare ``needs_data``.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no one-shot selection")
 
-    def settings(self) -> dict[str, Any]:
-        """The constructor arguments, recorded in the artifact's provenance."""
-        plain = (str, int, float, bool, list, tuple, dict, type(None))
-        state = ("masks", "dense_counts", "written")
-        return {k: v for k, v in vars(self).items() if k[0] != "_" and k not in state and isinstance(v, plain)}
+    def dense_of(self, model: nn.Module) -> Counts:
+        """The counts of the dense model as exported (SSS leaves its block factors out)."""
+        return Counts.of(model)
 
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
     ) -> dict[str, Any] | None:
         """Select on rank 0, share the decision, export the physically pruned copy as an artifact.
 
-        A model outside the zoo is pruned in place instead and None is returned (see :meth:`export`).
+        Every method takes these arguments; a model outside the zoo is pruned in place instead and None is
+        returned (see :meth:`export`).
 
-        ``init_state`` (theta_0 of a lottery-ticket run, e.g. carried by a source artifact) is written
-        into the artifact when the callback keeps none of its own.
+        Args:
+            model: the trained network.
+            trainer: the Trainer (DDP: rank 0's decision is broadcast, rank 0 writes).
+            path: artifact path (default ``artifact_path``).
+            source: where the model came from, for provenance.
+            init_state: theta_0 (of a lottery-ticket run, e.g. carried by a source artifact), written into the
+                artifact when the callback keeps none of its own.
+            dataloader: training images, for the methods that declare ``needs_data`` (ignored by the others).
         """
-        keeps = self.broadcast(trainer, self.select(model))
-        return self.export(model, keeps, trainer=trainer, method=self.method, settings=self.settings(),
-                           path=path, source=source, init_state=init_state)
+        keeps = self.broadcast(trainer, self.select(model, dataloader))
+        return self.export(model, keeps, trainer=trainer, path=path, source=source, init_state=init_state)
 
     # ---- helpers for subclasses --------------------------------------------------------------------
     @staticmethod
@@ -152,7 +225,7 @@ class PruningCallback(pl.Callback):
 
     def set_masks(self, trainer: pl.Trainer | None, model: nn.Module, masks: Masks, optimizer=None) -> None:
         """Adopt rank 0's masks and apply them (weights and momentum)."""
-        self.masks = self.broadcast(trainer, {k: v.cpu() for k, v in masks.items()})
+        self.state.set_masks(self.broadcast(trainer, {k: v.cpu() for k, v in masks.items()}))
         apply_masks(model, self.masks, optimizer)
 
     def resolve_path(self, trainer: pl.Trainer | None, path: str | None = None) -> Path | None:
@@ -170,8 +243,6 @@ class PruningCallback(pl.Callback):
         keeps: Mapping[str, torch.Tensor],
         *,
         trainer: pl.Trainer | None = None,
-        method: str,
-        settings: Mapping[str, Any],
         masks: Masks | None = None,
         path: str | None = None,
         source: str | None = None,
@@ -189,81 +260,72 @@ class PruningCallback(pl.Callback):
         Returns:
             The artifact, or None for a model outside the zoo.
         """
-        if not is_zoo_model(model):
-            self._prune_in_place(model, keeps, trainer=trainer, masks=masks)
-            return None
-        pruned = copy.deepcopy(model)
+        dense = self.state.record_dense(model, self.dense_of(model))  # dense: zeros of masked weights count too
+        zoo = is_zoo_model(model)
+        if not zoo:
+            rank_zero_warn(
+                f"{type(self).__name__}: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), "
+                "so no artifact is written; the model itself is pruned in place (its checkpoints hold the dense "
+                "weights)"
+            )
+        pruned = copy.deepcopy(model) if zoo else model  # every rank holds the same keeps: replicas change alike
         if keeps:
             prune_groups(pruned, keeps)
         if masks:
             apply_masks(pruned, masks)
-        if self.dense_counts is None:
-            report = count_flops(model)  # dense count: zeros of masked weights are counted too
-            self.dense_counts = {"macs": report.macs, "params": report.params}
+        if not zoo:
+            self._log_export(trainer, keeps, flops_summary(pruned, dense.to_dict()), len(masks or {}))
+            return None
         init = self.init_state if self.init_state is not None else init_state
-        art = make_artifact(pruned, method=method, settings=settings, source=source, dense=self.dense_counts,
-                            masks=masks, init_state=init)
-        self._log_export(trainer, keeps, art)
-        target = self.resolve_path(trainer, path)
-        if target is not None:
-            if trainer is None or trainer.is_global_zero:
-                save_artifact(art, target)
-                rank_zero_info(f"pruned artifact written to {target}")
-            if trainer is not None:
-                trainer.strategy.barrier("lit_prune_export")
-            self.written = str(target)
+        art = make_artifact(pruned, method=self.method, settings=self.settings(), source=source,
+                            dense=dense.to_dict(), masks=masks, init_state=init)
+        self._log_export(trainer, keeps, art["flops"], len(masks or {}))
+        self.written = self.write(art, self.resolve_path(trainer, path), trainer) or self.written
         return art
 
-    def _prune_in_place(
-        self, model: nn.Module, keeps: Mapping[str, torch.Tensor], *, trainer: pl.Trainer | None, masks: Masks | None
-    ) -> None:
-        """Apply the decision to the live ``model`` itself: its only record, as no artifact can describe it.
-
-        Every rank holds the same broadcast ``keeps``, so every replica changes alike.
-        """
-        if self.dense_counts is None:
-            report = count_flops(model)
-            self.dense_counts = {"macs": report.macs, "params": report.params}
-        rank_zero_warn(
-            f"{type(self).__name__}: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), so "
-            "no artifact is written; the model itself is pruned in place (its checkpoints hold the dense weights)"
-        )
-        if keeps:
-            prune_groups(model, keeps)
-        if masks:
-            apply_masks(model, masks)
-        report = count_flops(model, nonzero=True)
-        pruned = {"macs": report.macs, "params": report.params}
-        ratio = self.dense_counts["macs"] / max(pruned["macs"], 1)
-        flops = {"dense": self.dense_counts, "pruned": pruned, "ratio": ratio}
-        self._log_export(trainer, keeps, {"flops": flops, "masks": dict(masks or {})})
+    @staticmethod
+    def write(art: Mapping[str, Any], target: Path | None, trainer: pl.Trainer | None) -> str | None:
+        """Write ``art`` at ``target`` from global rank 0 (atomically), then wait for every rank."""
+        if target is None:
+            return None
+        if trainer is None or trainer.is_global_zero:
+            save_artifact(art, target)
+            rank_zero_info(f"{art['provenance']['method']} artifact written to {target}")
+        if trainer is not None:
+            trainer.strategy.barrier("lit_prune_export")
+        return str(target)
 
     def _log_export(
-        self, trainer: pl.Trainer | None, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]
+        self, trainer: pl.Trainer | None, keeps: Mapping[str, torch.Tensor], flops: Mapping[str, Any], masked: int
     ) -> None:
-        f = art["flops"]
         metrics = {
-            "prune/macs_dense": f["dense"]["macs"], "prune/macs_pruned": f["pruned"]["macs"],
-            "prune/params_dense": f["dense"]["params"], "prune/params_pruned": f["pruned"]["params"],
-            "prune/flops_ratio": f["ratio"],
+            "prune/macs_dense": flops["dense"]["macs"], "prune/macs_pruned": flops["pruned"]["macs"],
+            "prune/params_dense": flops["dense"]["params"], "prune/params_pruned": flops["pruned"]["params"],
+            "prune/flops_ratio": flops["ratio"],
         }
-        extra, what = self.export_summary(keeps, art)
+        extra, what = self.export_summary(keeps, masked)
         metrics.update(extra)
-        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics)
         rank_zero_info(
-            f"{what}: {f['pruned']['macs']:,} / {f['dense']['macs']:,} MACs (ratio {f['ratio']:.3f}), "
-            f"{f['pruned']['params']:,} / {f['dense']['params']:,} params"
+            f"{what}: {flops['pruned']['macs']:,} / {flops['dense']['macs']:,} MACs (ratio {flops['ratio']:.3f}), "
+            f"{flops['pruned']['params']:,} / {flops['dense']['params']:,} params"
         )
 
-    def export_summary(
-        self, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]
-    ) -> tuple[dict[str, float], str]:
-        """Method-specific metrics and a one-line description of what the export removed."""
+    def export_summary(self, keeps: Mapping[str, torch.Tensor], masked: int) -> tuple[dict[str, float], str]:
+        """Method-specific metrics and a one-line description of what the export removed.
+
+        Args:
+            keeps: the keep vectors of the physically removed channels (empty for a masked export).
+            masked: how many tensors the artifact masks.
+        """
         kept = sum(int(k.sum()) for k in keeps.values())
         total = sum(k.numel() for k in keeps.values())
         if not total:
-            return {}, f"pruned ({len(art['masks'])} masked tensors)"
+            return {}, f"pruned ({masked} masked tensors)"
         metrics = {"prune/channel_sparsity": 1 - kept / total}
         metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
         return metrics, f"pruned ({kept}/{total} channels kept)"
+
+
+def _optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:
+    return trainer.optimizers[0] if trainer.optimizers else None

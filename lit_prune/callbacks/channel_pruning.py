@@ -48,10 +48,14 @@ from torch import nn
 from typing_extensions import override
 
 from lit_prune.callbacks.reconstruction import ReconstructionPruning
-from lit_prune.core.groups import ChannelGroup, group_size
-from lit_prune.core.reconstruct import Reconstruction, ReduceFn, channel_pruning_group, consumer_of
-from lit_prune.models.base import ChannelSelection
-from lit_prune.models.imagenet_resnet import ImageNetResNet
+from lit_prune.core.groups import ChannelGroup
+from lit_prune.core.reconstruct import (
+    ConsumerView,
+    Reconstruction,
+    ReduceFn,
+    add_channel_samplers,
+    channel_pruning_group,
+)
 
 #: largest patch-statistics side (C k) accepted: the Gram matrix is (C k)^2 float64 (16384 -> 2 GiB)
 MAX_STATISTICS_DIM = 16384
@@ -106,16 +110,8 @@ class ChannelPruning(ReconstructionPruning):
 
     @override
     def prepare(self, model: nn.Module) -> nn.Module:
-        if not self.channel_sampler:
-            return model
-        if not isinstance(model, ImageNetResNet):
-            # the selections must be rebuildable from the artifact: only these ResNets take `select`
-            raise ValueError(f"channel_sampler needs an ImageNet ResNet of the zoo (resnet34, resnet50, ...), "
-                             f"not a {type(model).__name__}")
-        for block in model.blocks():
-            if block.has_branch and not hasattr(block, "select"):
-                # reads every channel until the LASSO prunes it; the shortcut keeps the full input
-                block.select = ChannelSelection(block.conv1.in_channels).to(block.conv1.weight.device)
+        if self.channel_sampler:  # reads every channel until the LASSO prunes it; the shortcut keeps the full input
+            add_channel_samplers(model)
         return model
 
     @override
@@ -131,12 +127,12 @@ class ChannelPruning(ReconstructionPruning):
         self, model: nn.Module, reference: nn.Module | None, group: ChannelGroup, num_keep: int,
         batches: Any, generator: torch.Generator, reduce_fn: ReduceFn | None,
     ) -> Reconstruction:
-        _, consumer = consumer_of(model, group)
-        dim = consumer.weight[0].numel()  # C k: one row of the patch statistics per channel and tap
+        view = ConsumerView.of(model, group)
+        dim = view.module.weight[0].numel()  # C k: one row of the patch statistics per channel and tap
         if dim > MAX_STATISTICS_DIM:
             raise ValueError(
-                f"{group.name!r}: its consumer reads {group_size(model, group)} channels of "
-                f"{dim // group_size(model, group)} taps; the ({dim} x {dim}) patch statistics would not fit. "
+                f"{group.name!r}: its consumer reads {view.channels} channels of "
+                f"{dim // view.channels} taps; the ({dim} x {dim}) patch statistics would not fit. "
                 f"Leave the layer whole (skip: [{group.name}]) or use ThiNetPruning, whose statistics are C x C"
             )
         return channel_pruning_group(

@@ -30,11 +30,12 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.callbacks.base import PruningCallback, target_group_sizes, unwrap
-from lit_prune.core.groups import channel_groups, group_size
+from lit_prune.callbacks.base import PruningCallback, unwrap
+from lit_prune.core.groups import channel_groups
 from lit_prune.core.importance import criterion_names, group_scores
 from lit_prune.core.masks import group_masks, merge
-from lit_prune.core.selection import apply_floor, check_patterns, check_ratio, matches_any, ratio_for, top_k
+from lit_prune.core.selection import top_k
+from lit_prune.methods.plan import WidthPlan
 
 
 class L1FilterPruning(PruningCallback):
@@ -75,19 +76,11 @@ class L1FilterPruning(PruningCallback):
         super().__init__(artifact_path, keep_init=keep_init)
         if mode not in ("physical", "mask"):
             raise ValueError(f"mode must be 'physical' (remove filters) or 'mask' (zero them), got {mode!r}")
-        if sum(x is not None for x in (target, prune_ratio, keep)) != 1:
-            raise ValueError("give exactly one of target (a width config name such as 'B'), prune_ratio or keep")
         if criterion not in criterion_names():
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(criterion_names())}")
-        if prune_ratio is not None:
-            for r in (prune_ratio.values() if isinstance(prune_ratio, dict) else [prune_ratio]):
-                check_ratio(r)
-        if keep is not None and any(not isinstance(k, int) or k < 0 for k in keep.values()):
-            raise ValueError(f"keep counts must be non-negative ints, got {keep}")
-        if floor < 0:
-            raise ValueError(f"floor must be >= 0, got {floor}")
-        self.target, self.prune_ratio, self.keep, self.skip = target, prune_ratio, keep, list(skip or [])
-        self.criterion, self.floor, self.mode = criterion, floor, mode
+        self.plan = WidthPlan(target=target, prune_ratio=prune_ratio, keep=keep, skip=list(skip or []), floor=floor,
+                              unit="filters")
+        self.criterion, self.mode = criterion, mode
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,49 +89,18 @@ class L1FilterPruning(PruningCallback):
     @override
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, Any]:
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
+    ) -> dict[str, Any] | None:
         if self.mode == "physical":
             return super().prune(model, trainer=trainer, path=path, source=source, init_state=init_state)
         keeps = self.broadcast(trainer, self.select(model))
         groups = {g.name: g for g in channel_groups(model)}
         self.masks = merge(*[group_masks(model, groups[n], k, consumers=True) for n, k in keeps.items()])
-        return self.export(model, {}, trainer=trainer, method=self.method, settings=self.settings(),
-                           masks=self.masks, path=path, source=source, init_state=init_state)
+        return self.export(model, {}, trainer=trainer, masks=self.masks, path=path, source=source,
+                           init_state=init_state)
 
     @override
-    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
         groups = [g for g in channel_groups(model) if g.conv is not None]
-        names = [g.name for g in groups]
-        check_patterns(self.skip, names, "skip")
-        counts = target_group_sizes(model, self.target) if self.target is not None else None
-        if isinstance(self.prune_ratio, dict):
-            check_patterns(list(self.prune_ratio), names, "prune_ratio")
-        if self.keep is not None:
-            check_patterns(list(self.keep), names, "keep")
-        keeps = {}
-        for g in groups:
-            size = group_size(model, g)
-            k = self._num_keep(g.name, size, counts)
-            if k > size:
-                raise ValueError(f"target width {k} of {g.name!r} is larger than the layer ({size} filters)")
-            scores = group_scores(model, g, self.criterion)
-            keep = apply_floor(scores, top_k(scores, k), self.floor)
-            if not keep.any() and not g.branch:
-                raise ValueError(f"{g.name!r} would lose every filter and is not a residual branch; "
-                                 "keep more filters or set floor: 1")
-            keeps[g.name] = keep
-        return keeps
-
-    def _num_keep(self, name: str, size: int, counts: dict[str, int] | None) -> int:
-        if matches_any(name, self.skip):
-            return size
-        if counts is not None:
-            return counts.get(name, 0)  # a group absent from the target lost its whole branch
-        if self.keep is not None:
-            for pattern, k in self.keep.items():
-                if matches_any(name, [pattern]):
-                    return k
-            return size
-        ratio = ratio_for(name, self.prune_ratio, default=0.0)
-        return int(size * (1 - ratio))
+        counts = self.plan.counts(model, groups)
+        return {g.name: top_k(group_scores(model, g, self.criterion), counts[g.name]) for g in groups}

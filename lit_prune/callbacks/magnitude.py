@@ -34,9 +34,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.callbacks.base import PruningCallback, unwrap
+from lit_prune.callbacks.base import PruningCallback, log_metrics, unwrap
 from lit_prune.core.masks import Masks, sparsity
-from lit_prune.core.selection import check_ratio
+from lit_prune.core.selection import check_ratio, threshold_keep
 
 
 class MagnitudePruning(PruningCallback):
@@ -82,17 +82,15 @@ class MagnitudePruning(PruningCallback):
             raise ValueError("relative pruning is one-shot (one lottery-ticket round); drop start_epoch/end_epoch")
         self.amount, self.scope, self.include_linear, self.relative = float(amount), scope, include_linear, relative
         self.start_epoch, self.end_epoch, self.frequency = start_epoch, end_epoch, frequency
-        self.current_sparsity = 0.0
 
-    # ---- state ---------------------------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "current_sparsity": self.current_sparsity}
+    @property
+    def current_sparsity(self) -> float:
+        """The cumulative sparsity pruned so far (schedule state, saved in checkpoints)."""
+        return float(self.state.schedule.get("current_sparsity", 0.0))
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
+    @current_sparsity.setter
+    def current_sparsity(self, value: float) -> None:
+        self.state.schedule["current_sparsity"] = float(value)
 
     # ---- hooks ---------------------------------------------------------------------------------------
     @override
@@ -110,17 +108,18 @@ class MagnitudePruning(PruningCallback):
         if self.start_epoch is None:  # one-shot: the masks go into the artifact; the live model stays as trained
             self.masks = self.broadcast(trainer, self.compute_masks(model, self.amount))
             self.current_sparsity = self.amount
-        self.export(model, {}, trainer=trainer, method=self.method, settings=self.settings(), masks=self.masks)
+        self._log(trainer, model)
+        self.export(model, {}, trainer=trainer, masks=self.masks)
 
     @override
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, Any]:
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
+    ) -> dict[str, Any] | None:
         """One-shot pruning of a trained model into a masked artifact (the model itself is not changed)."""
         self.masks = self.broadcast(trainer, self.compute_masks(model, self.amount))
-        return self.export(model, {}, trainer=trainer, method=self.method, settings=self.settings(),
-                           masks=self.masks, path=path, source=source, init_state=init_state)
+        return self.export(model, {}, trainer=trainer, masks=self.masks, path=path, source=source,
+                           init_state=init_state)
 
     # ---- selection -----------------------------------------------------------------------------------
     def target_sparsity(self, epoch: int) -> float | None:
@@ -161,26 +160,20 @@ class MagnitudePruning(PruningCallback):
         groups = [params] if self.scope == "global" else [{k: v} for k, v in params.items()]
         masks: Masks = {}
         for group in groups:
-            flat = torch.cat([w.detach().abs().flatten().float().cpu() for w in group.values()])
-            if self.relative:
-                zeros = int((flat == 0).sum())
-                k = zeros + int((flat.numel() - zeros) * target)
-            else:
-                k = int(flat.numel() * target)
-            # sorted[k - 1], the k-th smallest: the reference's sorted[k] removes k + 1 weights (and with
-            # k = 0 pruning nothing, the count would jump from 0 to 2 between k = 0 and k = 1)
-            thr = torch.sort(flat).values[min(k, flat.numel()) - 1] if k > 0 else torch.tensor(-1.0)
-            for name, w in group.items():
-                masks[name] = (w.detach().abs().float() > thr).cpu()
+            n = sum(w.numel() for w in group.values())
+            zeros = sum(int((w == 0).sum()) for w in group.values()) if self.relative else 0
+            k = zeros + int((n - zeros) * target)
+            # exactly the k smallest magnitudes go (the reference's sorted[k] removes k + 1; and with k = 0
+            # pruning nothing, its count would jump from 0 to 2 between k = 0 and k = 1)
+            keeps = threshold_keep([w.abs() for w in group.values()], k, rule="exact")
+            masks.update(zip(group, keeps, strict=True))
         for name, m in masks.items():
             if not m.any():
                 rank_zero_info(f"magnitude pruning removed every weight of {name}")
         return masks
 
     def _log(self, trainer: pl.Trainer | None, model: nn.Module) -> None:
-        if trainer is None or trainer.logger is None or not trainer.is_global_zero:
-            return
         metrics = {"prune/sparsity": sparsity(model, self.masks), "prune/target_sparsity": self.current_sparsity}
         rank_zero_info(f"magnitude pruning: sparsity {metrics['prune/sparsity']:.3f} of the prunable weights")
         metrics.update({f"prune/sparsity/{k}": 1 - m.float().mean().item() for k, m in self.masks.items()})
-        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics)

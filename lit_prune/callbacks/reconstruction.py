@@ -3,8 +3,8 @@
 Both methods walk the model's channel groups from shallow to deep. For each group they collect statistics
 of its consumer on training images from the *current* network (the layers before are already pruned and
 refitted), choose the channels, write the consumer's refitted weights and remove the channels physically
-(:mod:`lit_prune.core.reconstruct`). The live model is never changed: the work happens on a deep copy whose
-final state is the artifact.
+(:mod:`lit_prune.core.reconstruct`). A zoo model is left as it is: the work happens on a deep copy whose final
+state is the artifact. A model outside the zoo cannot be written as an artifact, so it is pruned in place.
 
 Data: the first ``num_images`` images of a seeded permutation of the training set (the trainer's train
 dataloader at the end of training, or the prune CLI's ``--data-config``), in batches of ``batch_size``.
@@ -36,11 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from lit_prune.callbacks.base import PruningCallback, is_zoo_model, target_group_sizes, unwrap
+from lit_prune.callbacks.base import PruningCallback, log_metrics, unwrap
 from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
+from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.reconstruct import Reconstruction, ReduceFn, apply_reconstruction, consumer_of
-from lit_prune.core.selection import check_patterns, check_ratio, matches_any, ratio_for
-from lit_prune.core.surgery import prune_group
+from lit_prune.core.selection import check_patterns, matches_any
+from lit_prune.core.surgery import compact_blocks, prune_group
+from lit_prune.methods.plan import WidthPlan
 
 
 def _positive_int(value: Any, name: str, hint: str = "") -> int:
@@ -122,12 +124,7 @@ class ReconstructionPruning(PruningCallback):
         artifact_path: str | None = "pruned.pt",
     ) -> None:
         super().__init__(artifact_path)
-        if (target is None) == (prune_ratio is None):
-            raise ValueError("give exactly one of target (a width config name such as 'thinet_conv') and "
-                             "prune_ratio (the fraction removed: ThiNet-70 keeps 70%, prune_ratio 0.3)")
-        if prune_ratio is not None:
-            for r in (prune_ratio.values() if isinstance(prune_ratio, dict) else [prune_ratio]):
-                check_ratio(r)
+        self.widths = WidthPlan(target=target, prune_ratio=prune_ratio, skip=list(skip or []))
         _positive_int(num_images, "num_images", " (training images sampled)")
         _positive_int(positions_per_image, "positions_per_image", " (the papers use 10)")
         if batch_size is not None:
@@ -145,8 +142,9 @@ class ReconstructionPruning(PruningCallback):
                 raise ValueError(f"{name} must be a number {'> 0' if low is not None else '>= 0'}, got {value!r}")
         self.finetune_steps, self.finetune_lr = finetune_steps, float(finetune_lr)
         self.finetune_weight_decay = float(finetune_weight_decay)
-        self.target, self.prune_ratio = target, prune_ratio
-        self.layers, self.skip = (None if layers is None else list(layers)), list(skip or [])
+        if isinstance(layers, str):
+            raise ValueError(f"layers is a list of layer patterns, e.g. [{layers!r}]")
+        self.layers = None if layers is None else list(layers)
         self.num_images, self.positions_per_image, self.seed = num_images, positions_per_image, seed
         self.batch_size, self.ridge = batch_size, float(ridge)
         self._results: list[dict[str, Any]] = []
@@ -159,15 +157,16 @@ class ReconstructionPruning(PruningCallback):
 
     # ---- one-shot pruning ----------------------------------------------------------------------------
     @override
-    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        raise TypeError(f"{type(self).__name__} chooses channels from training images, layer by layer: call "
-                        "prune(model, dataloader=...) (the prune CLI: --data-config)")
+    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
+        """The channels the layer-by-layer walk keeps, on a copy of ``model`` (:meth:`prune` also keeps the
+        refitted weights)."""
+        self._walk(copy.deepcopy(model), None, dataloader)
+        return dict(self._keeps)
 
     @override
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
-        dataloader: Any = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
     ) -> dict[str, Any] | None:
         """Prune layer by layer on a copy of ``model`` and export it (see the module docstring).
 
@@ -185,6 +184,16 @@ class ReconstructionPruning(PruningCallback):
         Raises:
             ValueError: no data, or a layer/width request that does not fit the model.
         """
+        self.state.record_dense(model, self.dense_of(model))
+        zoo = is_zoo_model(model)
+        was_training = model.training
+        work = self._walk(copy.deepcopy(model) if zoo else model, trainer, dataloader)  # a user model: in place
+        if not zoo:
+            model.train(was_training)
+        return self.export(work, {}, trainer=trainer, path=path, source=source, init_state=init_state)
+
+    def _walk(self, work: nn.Module, trainer: pl.Trainer | None, dataloader: Any) -> nn.Module:
+        """Prune and refit ``work`` itself, group by group, shallow to deep; returns it."""
         if dataloader is None:
             raise ValueError(f"{type(self).__name__} needs training images: pass dataloader= (the prune CLI: "
                              "--data-config naming the datamodule)")
@@ -192,15 +201,8 @@ class ReconstructionPruning(PruningCallback):
         reduce_fn: ReduceFn | None = None
         if trainer is not None and world > 1:
             reduce_fn = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        zoo = is_zoo_model(model)
-        if self.dense_counts is None:
-            from lit_prune.core.flops import count_flops
-
-            report = count_flops(model)
-            self.dense_counts = {"macs": report.macs, "params": report.params}
-        was_training = model.training
-        work = self.prepare(copy.deepcopy(model) if zoo else model).eval()  # a user model: in place
-        reference = self.reference(model)
+        reference = self.reference(work)
+        work = self.prepare(work).eval()
         plan = self.plan(work)
         loader = self._sample_loader(dataloader, rank, world)
         self._results, self._keeps = [], {}
@@ -223,14 +225,10 @@ class ReconstructionPruning(PruningCallback):
             self._keeps[name] = rec.keep
             losses = self._finetune(work, dataloader, i, rank, world, reduce_fn) if self.finetune_steps else None
             self._record(name, size, rec, losses)
-        compact = getattr(work, "compact_blocks", None)
-        if callable(compact) and any(not k.any() for k in self._keeps.values()):
-            compact()  # models whose block names must stay contiguous renumber them (as prune_groups does)
+        if any(not k.any() for k in self._keeps.values()):
+            compact_blocks(work)  # models whose block names must stay contiguous renumber them (as prune_groups does)
         self._log_layers(trainer)
-        if not zoo:
-            model.train(was_training)
-        return self.export(work, {}, trainer=trainer, method=self.method, settings=self.settings(), path=path,
-                           source=source, init_state=init_state)
+        return work
 
     # ---- extension points ----------------------------------------------------------------------------
     def reconstruct_group(
@@ -263,31 +261,11 @@ class ReconstructionPruning(PruningCallback):
             except ValueError:
                 continue  # several consumers (a dense stream) or one that cannot be refitted
             eligible.append(g)
-        names = [g.name for g in eligible]
-        check_patterns(self.skip, names, "skip")
         if self.layers is not None:
-            check_patterns(self.layers, names, "layers")
-        if isinstance(self.prune_ratio, dict):
-            check_patterns(list(self.prune_ratio), names, "prune_ratio")
-        counts = target_group_sizes(model, self.target) if self.target is not None else None
-        plan = []
-        for g in eligible:
-            size = group_size(model, g)
-            if matches_any(g.name, self.skip) or (self.layers is not None and not matches_any(g.name, self.layers)):
-                continue
-            if counts is not None:
-                k = counts.get(g.name, 0)  # a group absent from the target lost its whole branch
-            else:
-                k = int(size * (1 - ratio_for(g.name, self.prune_ratio, default=0.0)))
-            if k > size:
-                raise ValueError(f"target width {k} of {g.name!r} is larger than the layer ({size} channels)")
-            if k == 0 and not g.branch:
-                raise ValueError(f"{g.name!r} would lose every channel and is not a residual branch; "
-                                 "lower its prune ratio")
-            if k < size:
-                plan.append((g.name, k))
-        return plan
-
+            check_patterns(self.layers, [g.name for g in eligible], "layers")
+        counts = self.widths.counts(model, eligible)
+        return [(g.name, counts[g.name]) for g in eligible
+                if counts[g.name] < group_size(model, g) and (self.layers is None or matches_any(g.name, self.layers))]
 
     # ---- fine-tuning between layers ------------------------------------------------------------------
     def _finetune(
@@ -388,13 +366,11 @@ class ReconstructionPruning(PruningCallback):
         )
 
     def _log_layers(self, trainer: pl.Trainer | None) -> None:
-        if trainer is None or trainer.logger is None or not trainer.is_global_zero or not self._results:
-            return
         metrics = {}
         for r in self._results:
             metrics[f"prune/error_removed/{r['layer']}"] = r["error_removed"]
             metrics[f"prune/error_reconstructed/{r['layer']}"] = r["error_reconstructed"]
-        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics)
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -402,8 +378,6 @@ class ReconstructionPruning(PruningCallback):
         return {**super().settings(), "layer_results": self.results}
 
     @override
-    def export_summary(
-        self, keeps: Mapping[str, torch.Tensor], art: Mapping[str, Any]
-    ) -> tuple[dict[str, float], str]:
+    def export_summary(self, keeps: Mapping[str, torch.Tensor], masked: int) -> tuple[dict[str, float], str]:
         # The work copy is already narrow when it is exported (keeps={}); summarise the decisions instead.
-        return super().export_summary(keeps or self._keeps, art)
+        return super().export_summary(keeps or self._keeps, masked)

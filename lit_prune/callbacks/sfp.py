@@ -63,12 +63,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.callbacks.base import PruningCallback, is_zoo_model, unwrap
-from lit_prune.artifact import make_artifact, save_artifact
-from lit_prune.core.flops import count_flops
+from lit_prune.artifact import make_artifact
+from lit_prune.callbacks.base import PruningCallback, log_metrics, unwrap
 from lit_prune.core.groups import ChannelGroup, channel_groups
 from lit_prune.core.importance import criterion_names, group_scores
 from lit_prune.core.masks import Masks, apply_masks
+from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.selection import check_patterns, check_ratio, matches_any, top_k
 from lit_prune.core.surgery import prune_groups
 
@@ -99,7 +99,6 @@ class SoftFilterPruning(PruningCallback):
     method = "sfp"
     # Soft: masks record the last selection but are not imposed between re-prunings.
     enforce_masks = False
-    _BOOKKEEPING = ("last_prune_epoch", "last_prune_step", "masked_written")
 
     def __init__(
         self,
@@ -125,28 +124,32 @@ class SoftFilterPruning(PruningCallback):
         self.layers, self.skip = list(layers), list(skip)
         self.interval, self.criterion = interval, criterion
         self.masked_artifact_path = masked_artifact_path
-        # epochs completed (0 = before training) and global step at the last re-prune
-        self.last_prune_epoch: int | None = None
-        self.last_prune_step: int | None = None
         self.masked_written: str | None = None
         self._restored = False
 
-    # ---- state -------------------------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_prune_epoch": self.last_prune_epoch,
-                "last_prune_step": self.last_prune_step}
+    # ---- state: the schedule position lives in the pruning state, saved in checkpoints ----------------
+    @property
+    def last_prune_epoch(self) -> int | None:
+        """Epochs completed (0 = before training) at the last re-prune."""
+        return self.state.schedule.get("last_prune_epoch")
+
+    @last_prune_epoch.setter
+    def last_prune_epoch(self, value: int | None) -> None:
+        self.state.schedule["last_prune_epoch"] = value
+
+    @property
+    def last_prune_step(self) -> int | None:
+        """The global step of the last re-prune."""
+        return self.state.schedule.get("last_prune_step")
+
+    @last_prune_step.setter
+    def last_prune_step(self, value: int | None) -> None:
+        self.state.schedule["last_prune_step"] = value
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.last_prune_epoch = state_dict.get("last_prune_epoch")
-        self.last_prune_step = state_dict.get("last_prune_step")
         self._restored = bool(self.masks)
-
-    @override
-    def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in super().settings().items() if k not in self._BOOKKEEPING}
 
     # ---- hooks -------------------------------------------------------------------------------------
     @override
@@ -229,8 +232,9 @@ class SoftFilterPruning(PruningCallback):
     # ---- export ------------------------------------------------------------------------------------
     @override
     def prune(
-        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None
-    ) -> dict[str, Any]:
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
+    ) -> dict[str, Any] | None:
         """One final selection on a trained model (zeroed in place), then both artifacts.
 
         For ``python -m lit_prune.prune`` on an SFP checkpoint: ``path`` is the small artifact, and a
@@ -240,17 +244,17 @@ class SoftFilterPruning(PruningCallback):
             The small artifact, or the masked one where nothing can be removed physically.
 
         Raises:
-            TypeError: ``model`` was not built by the zoo, so it cannot be written as an artifact.
+            ValueError: ``model`` was not built by the zoo, so it cannot be written as an artifact.
         """
         if not is_zoo_model(model):
-            raise TypeError(f"{type(model).__name__} is not a zoo model; build it with lit_prune.models.create_model")
+            raise ValueError(f"{type(model).__name__} is not a zoo model, so SFP cannot write it as an artifact; "
+                             "build it with lit_prune.models.create_model")
         self.reprune(trainer, model)
-        art = self.write_artifacts(model, trainer=trainer, path=path, source=source)
-        assert art is not None  # a zoo model always gives one
-        return art
+        return self.write_artifacts(model, trainer=trainer, path=path, source=source, init_state=init_state)
 
     def write_artifacts(
-        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None, source: str | None = None
+        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any] | None:
         """Write the masked full-size artifact and, where possible, the physically smaller one (rank 0).
 
@@ -264,21 +268,12 @@ class SoftFilterPruning(PruningCallback):
             rank_zero_warn(f"SFP: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), so no "
                            "artifact is written; the trained model itself holds the zero filters")
             return None
-        if self.dense_counts is None:  # dense counts ignore zeros, so the masked model gives them too
-            report = count_flops(model)
-            self.dense_counts = {"macs": report.macs, "params": report.params}
-        settings = self.settings()
-        masked = make_artifact(model, method=self.method, settings=settings, source=source,
-                               dense=self.dense_counts, masks=self.masks)
-        target = self._masked_target(trainer, path)
-        if target is not None:
-            if trainer is None or trainer.is_global_zero:
-                save_artifact(masked, target)
-                rank_zero_info(f"SFP masked artifact written to {target}")
-            if trainer is not None:
-                trainer.strategy.barrier("lit_prune_sfp_masked")
-            self.masked_written = str(target)
-        small = self._export_small(model, trainer, path, source, settings)
+        dense = self.state.record_dense(model)  # dense counts ignore zeros, so the masked model gives them too
+        init = self.init_state if self.init_state is not None else init_state
+        masked = make_artifact(model, method=self.method, settings=self.settings(), source=source,
+                               dense=dense.to_dict(), masks=self.masks, init_state=init)
+        self.masked_written = self.write(masked, self._masked_target(trainer, path), trainer)
+        small = self._export_small(model, trainer, path, source, init)
         return small if small is not None else masked
 
     def removable_keeps(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -297,7 +292,7 @@ class SoftFilterPruning(PruningCallback):
 
     def _export_small(
         self, model: nn.Module, trainer: pl.Trainer | None, path: str | None, source: str | None,
-        settings: dict[str, Any],
+        init_state: dict[str, torch.Tensor] | None,
     ) -> dict[str, Any] | None:
         if path is None and self.artifact_path is None:
             return None
@@ -315,8 +310,8 @@ class SoftFilterPruning(PruningCallback):
         prune_groups(shrunk, keeps)
         params = dict(shrunk.named_parameters())
         residual = {k: m for k, m in self.masks.items() if k in params and params[k].shape[0] == m.shape[0]}
-        return self.export(model, keeps, trainer=trainer, method=self.method, settings=settings,
-                           masks=residual, path=path, source=source)
+        return self.export(model, keeps, trainer=trainer, masks=residual, path=path, source=source,
+                           init_state=init_state)
 
     def _masked_target(self, trainer: pl.Trainer | None, path: str | None) -> Path | None:
         if self.masked_artifact_path is None:
@@ -341,8 +336,7 @@ class SoftFilterPruning(PruningCallback):
             metrics["prune/mask_changes"] = sum(int((previous[k] != m).sum()) for k, m in self.masks.items())
         metrics.update({f"prune/zeroed/{name}": n for name, n in zeroed.items()})
         log.debug("SFP re-prune: %d/%d filters zeroed", sum(zeroed.values()), total)
-        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics)
 
 
 def _check_filter_criterion(criterion: str) -> None:

@@ -32,6 +32,8 @@ metrics (``prune/flops_ratio``, ``prune/kept/<layer>``, ...) at the end.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -41,7 +43,7 @@ from typing_extensions import override
 from lit_prune.callbacks.base import PruningCallback, unwrap
 from lit_prune.core.groups import ChannelGroup, channel_groups
 from lit_prune.core.importance import group_scores
-from lit_prune.core.selection import apply_floor, check_ratio, global_threshold
+from lit_prune.core.selection import apply_floor, check_not_emptied, check_ratio, global_threshold
 
 
 class NetworkSlimming(PruningCallback):
@@ -172,7 +174,7 @@ class NetworkSlimming(PruningCallback):
 
     # ---- pruning -------------------------------------------------------------------------------------
     @override
-    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
         """Keep vectors of every BN-scored group under one global |gamma| threshold.
 
         Raises:
@@ -184,7 +186,7 @@ class NetworkSlimming(PruningCallback):
             raise ValueError(f"{type(model).__name__} has no channel group with a BatchNorm"
                              f"{'' if self.include_bn1d else '2d'} to score; Network Slimming needs BN layers")
         scores = [group_scores(model, g, "bn_gamma") for g in groups]
-        keeps = global_threshold(scores, self.prune_ratio)
+        keeps = global_threshold(scores, self.prune_ratio, rule="reference")  # the reference's sorted[k]
         keeps = [apply_floor(s, k, self.floor) for s, k in zip(scores, keeps, strict=True)]
         result = {g.name: k for g, k in zip(groups, keeps, strict=True)}
         self._check_vanishing(groups, result)
@@ -200,9 +202,9 @@ class NetworkSlimming(PruningCallback):
             touched = set(g.producers) | set(g.consumers)
             if touched and touched <= gone:
                 continue
-            raise ValueError(
-                f"Network Slimming's global threshold (prune_ratio {self.prune_ratio}) removes every channel of "
-                f"{g.name!r} (scored by BN {g.bn!r}), which is not a residual branch and cannot vanish. Set "
-                "floor: 1 to keep each layer's strongest channel, or lower prune_ratio (the paper has no floor; "
-                "paper-spec 12.14)"
+            check_not_emptied(
+                g.name, 0, g.branch,
+                f"Network Slimming's global threshold (prune_ratio {self.prune_ratio}) removes all of it (scored by "
+                f"BN {g.bn!r}). Set floor: 1 to keep each layer's strongest channel, or lower prune_ratio (the paper "
+                "has no floor; paper-spec 12.14)",
             )

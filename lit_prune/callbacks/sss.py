@@ -54,12 +54,13 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.callbacks.base import PruningCallback, is_zoo_model, unwrap
-from lit_prune.core.flops import count_flops
+from lit_prune.callbacks.base import PruningCallback, unwrap
 from lit_prune.core.gates import BlockGate, apg_step_, block_gates, fold_gates_
 from lit_prune.core.groups import channel_groups, group_size
+from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.surgery import prune_groups
-from lit_prune.module import OPTIMIZER_MARK
+from lit_prune.methods.params import update_outside_optimizer
+from lit_prune.methods.state import Counts
 
 _GATED_FAMILIES = "sss_resnet50, cifar_resnet*, sfp_resnet*, resnet34, resnet50, bearpaw_resnet50"
 
@@ -99,19 +100,14 @@ class SparseStructureSelection(PruningCallback):
         if not isinstance(prune_at_end, bool):
             raise ValueError(f"prune_at_end must be true or false, got {prune_at_end!r}")
         self.gamma, self.momentum, self.prune_at_end = float(gamma), float(momentum), prune_at_end
-        self._velocity: dict[str, torch.Tensor] = {}  # APG velocity per gate path (e.g. "layer1.0.gate")
         self._removed: list[str] = []  # blocks removed by the last prune(), for its log line
         self._total = 0  # gated blocks seen by the last prune()
 
-    # ---- state ---------------------------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "velocity": {k: v.detach().cpu().clone() for k, v in self._velocity.items()}}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._velocity = dict(state_dict.get("velocity", {}))
+    # ---- state: the APG velocities live in the pruning state, saved in checkpoints --------------------
+    @property
+    def _velocity(self) -> dict[str, torch.Tensor]:
+        """The APG velocity per gate path (e.g. ``"layer1.0.gate"``)."""
+        return self.state.schedule.setdefault("velocity", {})
 
     # ---- hooks ---------------------------------------------------------------------------------------
     @override
@@ -120,13 +116,7 @@ class SparseStructureSelection(PruningCallback):
             return
         # Runs before configure_optimizers and the DDP wrapper: the factors must already be in the model.
         for gate in self.gates(unwrap(pl_module)).values():
-            setattr(gate.weight, OPTIMIZER_MARK, "callback")
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.dense_counts is None:  # the large model as exported, i.e. without its block factors
-            self.dense_counts = self._dense_counts(unwrap(pl_module))
-        super().on_fit_start(trainer, pl_module)
+            update_outside_optimizer(gate.weight)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -136,8 +126,9 @@ class SparseStructureSelection(PruningCallback):
             if any(id(p) in ours for group in opt.param_groups for p in group["params"]):
                 raise ValueError(
                     f"the optimizer of {type(pl_module).__name__} also updates the SSS block factors, which "
-                    "SparseStructureSelection updates itself (APG, no weight decay): leave out the parameters whose "
-                    f"{OPTIMIZER_MARK!r} attribute is 'callback' in configure_optimizers, as ImageClassifier does"
+                    "SparseStructureSelection updates itself (APG, no weight decay): build the optimizer over "
+                    "lit_prune.methods.params.optimizer_parameters(module) in configure_optimizers, as "
+                    "ImageClassifier does"
                 )
 
     @override
@@ -203,14 +194,15 @@ class SparseStructureSelection(PruningCallback):
             # The main optimizer's zero_grad does not reach these parameters: clear them, or they accumulate.
             lam.grad = None
 
-    def _dense_counts(self, model: nn.Module) -> dict[str, int]:
-        report = count_flops(model)  # MACs are those of the ungated net; the factors are not parameters of it
+    @override
+    def dense_of(self, model: nn.Module) -> Counts:
+        counts = Counts.of(model)  # MACs are those of the ungated net; the factors are not parameters of it
         gates = sum(g.weight.numel() for g in block_gates(model).values())
-        return {"macs": report.macs, "params": report.params - gates}
+        return Counts(macs=counts.macs, params=counts.params - gates)
 
     # ---- pruning -------------------------------------------------------------------------------------
     @override
-    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
         """All-False keep vectors for every channel group of a block whose factor is exactly 0.
 
         Removing those groups with :func:`~lit_prune.core.surgery.prune_groups` removes the blocks' residual
@@ -231,7 +223,7 @@ class SparseStructureSelection(PruningCallback):
     @override
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
+        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
     ) -> dict[str, Any] | None:
         """Remove the blocks whose factor is 0, fold the other factors, export the ungated network.
 
@@ -242,8 +234,7 @@ class SparseStructureSelection(PruningCallback):
             The artifact (None for a model outside the zoo).
         """
         gates = self.gates(model)
-        if self.dense_counts is None:
-            self.dense_counts = self._dense_counts(model)
+        self.state.record_dense(model, self.dense_of(model))
         keeps = self.broadcast(trainer, self.select(model))
         self._removed = sorted({p.rpartition(".")[0] for p in gates if gates[p].value == 0.0})
         self._total = len(gates)
@@ -254,11 +245,10 @@ class SparseStructureSelection(PruningCallback):
         prune_groups(target, keeps)  # zero-factor blocks become their shortcut (their gate goes with them)
         fold_gates_(target)  # the others absorb lambda_b into their branch: the network is ungated
         # the surgery is done: the base class only writes the (already pruned) network
-        return self.export(target, {}, trainer=trainer, method=self.method, settings=self.settings(), path=path,
-                           source=source, init_state=init_state)
+        return self.export(target, {}, trainer=trainer, path=path, source=source, init_state=init_state)
 
     @override
-    def export_summary(self, keeps: dict[str, torch.Tensor], art: dict[str, Any]) -> tuple[dict[str, float], str]:
+    def export_summary(self, keeps: dict[str, torch.Tensor], masked: int) -> tuple[dict[str, float], str]:
         total, removed = self._total, self._removed
         which = f" ({', '.join(removed)})" if removed else ""
         return ({"prune/blocks_removed": len(removed), "prune/blocks_kept": total - len(removed)},
@@ -267,5 +257,5 @@ class SparseStructureSelection(PruningCallback):
 
 def _loss_scale(trainer: pl.Trainer | None) -> float:
     """The fp16 loss scale still on the factors' gradients (1 without a grad scaler, e.g. fp32 or bf16)."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    scaler = trainer.scaler if trainer is not None else None
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0

@@ -117,6 +117,11 @@ def count_flops(
     return FlopsReport(sum(e.macs for e in layers), params, list(input_size), nonzero, layers)
 
 
+def macs_ratio(dense_macs: int, pruned_macs: int) -> float:
+    """Scratch-B's r, ``dense MACs / pruned MACs`` (a pruned model with no MACs left counts as 1)."""
+    return dense_macs / max(pruned_macs, 1)
+
+
 def flops_ratio(dense: nn.Module, pruned: nn.Module, input_size: tuple[int, ...] | None = None) -> float:
     """``macs(dense) / macs(pruned)``, counting non-zero weights of the pruned model (Scratch-B's r)."""
-    return count_flops(dense, input_size).macs / count_flops(pruned, input_size, nonzero=True).macs
+    return macs_ratio(count_flops(dense, input_size).macs, count_flops(pruned, input_size, nonzero=True).macs)

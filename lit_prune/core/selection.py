@@ -37,18 +37,62 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def global_threshold(scores: Sequence[torch.Tensor], prune_ratio: float) -> list[torch.Tensor]:
-    """One threshold over all scores, as Network Slimming and weight pruning do.
+#: how a global threshold treats the k-th smallest score: ``"exact"`` removes exactly the k smallest (when
+#: no scores tie), ``"reference"`` is the paper's code, ``thr = sorted(all)[k]``, which also removes the
+#: (k+1)-th. Both prune scores equal to the threshold.
+THRESHOLD_RULES = ("exact", "reference")
 
-    ``thr = sorted(all)[int(total * prune_ratio)]`` and a channel survives iff its score is strictly
-    greater: values equal to the threshold are pruned, so slightly more than ``prune_ratio`` may go.
+
+def threshold_keep(scores: Sequence[torch.Tensor], k: int, rule: str = "exact") -> list[torch.Tensor]:
+    """One threshold over all ``scores`` (any shapes) that removes their ``k`` smallest values.
+
+    Every global method (Network Slimming's BN scales, magnitude pruning's weights) decides through this
+    routine. A value survives iff it is strictly greater than the threshold, so values tied with it go too.
+
+    Args:
+        scores: one tensor per layer; the keep tensors returned have the same shapes.
+        k: how many of all the values to remove.
+        rule: one of :data:`THRESHOLD_RULES`.
+
+    Raises:
+        ValueError: a score is NaN or infinite (a diverged model: nothing can be ranked), or an unknown rule.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    flat = torch.cat([s.detach().flatten().float().cpu() for s in scores]) if scores else torch.zeros(0)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError(f"{int((~torch.isfinite(flat)).sum())} of {flat.numel()} scores are NaN or infinite: the "
+                         "model has diverged (non-finite weights); prune a checkpoint from before it diverged")
+    n = flat.numel()
+    index = min(k, n) - 1 if rule == "exact" else min(k, n - 1)
+    if n == 0 or index < 0:
+        return [torch.ones_like(s, dtype=torch.bool, device="cpu") for s in scores]
+    thr = torch.sort(flat).values[index]
+    return [s.detach().float().cpu() > thr for s in scores]
+
+
+def global_threshold(scores: Sequence[torch.Tensor], prune_ratio: float, rule: str = "reference") -> list[torch.Tensor]:
+    """One threshold over all scores removing ``int(total * prune_ratio)`` of them (:func:`threshold_keep`).
+
+    The default rule is the reference's (Network Slimming), ``thr = sorted(all)[int(total * prune_ratio)]``.
     """
     check_ratio(prune_ratio)
-    flat = torch.cat([s.flatten().float() for s in scores])
-    if flat.numel() == 0:
-        return [torch.zeros(0, dtype=torch.bool) for _ in scores]
-    thr = torch.sort(flat).values[int(flat.numel() * prune_ratio)]
-    return [s.float() > thr for s in scores]
+    total = sum(s.numel() for s in scores)
+    return threshold_keep(scores, int(total * prune_ratio), rule)
+
+
+def check_not_emptied(name: str, kept: int, branch: Sequence[str], hint: str) -> None:
+    """Refuse a decision that leaves a plain chain with no channel (only a residual branch may vanish).
+
+    Args:
+        name: the group's name.
+        kept: channels it keeps.
+        branch: its residual branch (empty for a plain chain).
+        hint: what the user can do, e.g. ``"lower prune_ratio or set floor: 1"``.
+    """
+    if kept == 0 and not branch:
+        raise ValueError(f"{name!r} would lose every channel and is not a residual branch, so it cannot vanish; "
+                         f"{hint}")
 
 
 def apply_floor(scores: torch.Tensor, keep: torch.Tensor, floor: int) -> torch.Tensor:

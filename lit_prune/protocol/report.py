@@ -73,7 +73,7 @@ def results_table(config: ExperimentConfig, results: dict[str, Any]) -> str:
 
 
 def write_results(config: ExperimentConfig, layout: RunLayout, results: dict[str, Any]) -> None:
-    from lit_prune.artifact import atomic_save_json
+    from lit_prune.io import atomic_save_json
 
     atomic_save_json(results, layout.results_json)
     tmp = layout.results_md.with_name(f".{layout.results_md.name}.tmp")

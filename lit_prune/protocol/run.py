@@ -26,7 +26,7 @@ from lit_prune.protocol.plan import Planner, ScratchB, Stage
 
 
 def _save_json(obj: Any, path: Path) -> None:
-    from lit_prune.artifact import atomic_save_json
+    from lit_prune.io import atomic_save_json
 
     atomic_save_json(obj, path)
 

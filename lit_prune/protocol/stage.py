@@ -24,8 +24,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_prune.artifact import atomic_save_json, make_artifact, read_weights, save_artifact
+from lit_prune.artifact import make_artifact, read_weights, save_artifact
 from lit_prune.cli import LitPruneCLI
+from lit_prune.core.protocols import is_zoo_model
+from lit_prune.io import atomic_save_json
 from lit_prune.module import ImageClassifier
 from lit_prune.protocol.layout import METRICS, MODEL
 
@@ -107,7 +109,7 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
         "world_size": trainer.world_size,
     }
     if trainer.is_global_zero:
-        if hasattr(model.model, "zoo_name"):
+        if is_zoo_model(model.model):
             art = make_artifact(model.model, method=f"retrain:{model.hparams.regime}", masks=model.masks,
                                 source=str(stage), settings={"max_epochs": metrics["max_epochs"]},
                                 init_state=model.init_state)

@@ -71,7 +71,7 @@ def test_masks_enforced_saved_and_restored_on_resume(tmp_path: Path, tiny_data) 
     saved = torch.load(ckpt, weights_only=True)
     state = saved["callbacks"][first.state_key]
     assert all(torch.equal(state["masks"][n], first.masks[n]) for n in MASKED)
-    assert state["dense_counts"] == first.dense_counts
+    assert state["dense"] == first.dense_counts
 
     # a fresh instance whose own choice would differ: the checkpoint's masks must win
     second = FixedMasks(seed=1)

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import callbacks.channel_pruning as cp_module
+import lit_prune.callbacks.channel_pruning as cp_module
 from callbacks import ChannelPruning
 from lit_prune.artifact import load_artifact, load_model
 from lit_prune.core.groups import channel_groups, group_size

@@ -247,8 +247,8 @@ class ProbeL1(L1FilterPruning):
         self.set_masks(trainer, pl_module.model, proposal, trainer.optimizers[0])
         self._save({"proposed": proposal, "adopted": self.masks}, "masks")
 
-    def select(self, model):
-        keeps = super().select(model)
+    def select(self, model, dataloader=None):
+        keeps = super().select(model, dataloader)
         if self._rank != 0:  # a rank-dependent decision: broadcast must override it
             keeps = {k: v.roll(1) for k, v in keeps.items()}
         self._save(keeps, "proposed")

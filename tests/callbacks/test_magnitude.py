@@ -297,7 +297,7 @@ def test_resume_keeps_theta0_masks_and_schedule(tmp_path: Path, tiny_data) -> No
     trainer.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)
     state = saved["callbacks"][first.state_key]
-    assert state["current_sparsity"] == pytest.approx(0.4375)
+    assert state["schedule"]["current_sparsity"] == pytest.approx(0.4375)
     assert all(torch.equal(state["masks"][k], m) for k, m in first.masks.items())
 
     second = SparsityProbe(amount=0.5, start_epoch=0, end_epoch=2, keep_init=True)

@@ -373,8 +373,8 @@ class RankProbeSlimming(NetworkSlimming):
         self._rank = trainer.global_rank
         super().on_train_end(trainer, pl_module)
 
-    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        keeps = super().select(model)
+    def select(self, model: nn.Module, dataloader=None) -> dict[str, torch.Tensor]:
+        keeps = super().select(model, dataloader)
         out = Path(os.environ[PROBE_ENV])
         gammas = {n: g.detach().cpu().clone() for n, g in _bn_weights(model).items()}
         torch.save({"keeps": keeps, "gammas": gammas}, out / f"rank{self._rank}.pt")

@@ -221,8 +221,8 @@ def test_resume_reproduces_factors_and_velocity(tmp_path: Path) -> None:
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)["callbacks"][cb_half.state_key]
-    assert state["velocity"].keys() == cb_half._velocity.keys() and len(state["velocity"]) == 9
-    assert all(torch.equal(state["velocity"][k], v) for k, v in cb_half._velocity.items())
+    assert state["schedule"]["velocity"].keys() == cb_half._velocity.keys() and len(state["schedule"]["velocity"]) == 9
+    assert all(torch.equal(state["schedule"]["velocity"][k], v) for k, v in cb_half._velocity.items())
 
     resumed, cb_resumed, _ = run(2, ckpt)
     assert _lambdas(resumed.model) == _lambdas(full.model)

@@ -92,7 +92,7 @@ def test_needs_data() -> None:
     assert cb.needs_data
     with pytest.raises(ValueError, match="needs training images"):
         cb.prune(_model())
-    with pytest.raises(TypeError, match="dataloader"):
+    with pytest.raises(ValueError, match="needs training images"):  # the same contract as every method's select
         cb.select(_model())
 
 

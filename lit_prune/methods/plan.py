@@ -1,0 +1,110 @@
+"""The width plan: how many channels each group keeps, resolved in one place for every structured method.
+
+A plan is one of
+
+* ``target``: a named width config of the model's family (``"B"``, ``"thinet70"``): the keep counts are
+  that architecture's widths, group by group (a group the target lacks lost its whole residual branch);
+* ``prune_ratio``: the fraction removed, one number for every group or ``{layer pattern: fraction}``
+  (first match wins); ``num_keep = int(C * (1 - ratio))``;
+* ``keep``: explicit counts per layer pattern;
+
+plus ``skip`` (patterns left whole) and ``floor`` (at least this many channels per group). A pattern that
+matches no group is refused: a typo would silently prune nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
+from lit_prune.core.protocols import is_zoo_model
+from lit_prune.core.selection import check_not_emptied, check_patterns, check_ratio, matches_any, ratio_for
+from lit_prune.models import create_model
+
+
+def target_group_sizes(model: nn.Module, target: str) -> dict[str, int]:
+    """Channels per group of ``model`` under its family's named width config ``target`` (e.g. ``"B"``).
+
+    The target architecture is built and its groups matched to ``model``'s by name; a group missing from
+    it (a residual branch the target drops) is absent from the result.
+    """
+    if not is_zoo_model(model):
+        raise ValueError("target needs a zoo model (built with create_model); use prune_ratio otherwise")
+    kwargs = {k: v for k, v in model.zoo_kwargs.items() if k not in ("cfg", "select")}  # the target brings its own
+    built = create_model(model.zoo_name, cfg=target, **kwargs)
+    return {g.name: group_size(built, g) for g in channel_groups(built)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """Per-group keep counts from ``target``, ``prune_ratio`` or ``keep`` (exactly one), ``skip`` and ``floor``.
+
+    Raises:
+        ValueError: not exactly one of the three, a ratio outside [0, 1), a negative count or floor.
+    """
+
+    target: str | None = None
+    prune_ratio: float | Mapping[str, float] | None = None
+    keep: Mapping[str, int] | None = None
+    skip: Sequence[str] = field(default_factory=tuple)
+    floor: int = 0
+    #: the words for the error messages ("filters" for filter pruning, "channels" otherwise)
+    unit: str = "channels"
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.target, self.prune_ratio, self.keep)) != 1:
+            raise ValueError("give exactly one of target (a width config name such as 'B'), prune_ratio (the "
+                             "fraction removed, e.g. 0.3 keeps 70%) or keep (counts per layer pattern)")
+        if self.prune_ratio is not None:
+            ratios = self.prune_ratio.values() if isinstance(self.prune_ratio, Mapping) else [self.prune_ratio]
+            for r in ratios:
+                check_ratio(r)
+        if self.keep is not None and any(not _is_int(k) or k < 0 for k in self.keep.values()):
+            raise ValueError(f"keep counts must be non-negative ints, got {dict(self.keep)}")
+        if not _is_int(self.floor) or self.floor < 0:
+            raise ValueError(f"floor must be >= 0 (an int: the minimum {self.unit} kept per layer), got {self.floor!r}")
+        if isinstance(self.skip, str):
+            raise ValueError(f"skip is a list of layer patterns, e.g. [{self.skip!r}]")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def counts(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, int]:
+        """``{group name: channels kept}`` for ``groups`` of ``model`` (skipped groups keep all).
+
+        Raises:
+            ValueError: a pattern matches none of ``groups``, a target wider than its layer, or a plain
+                chain left with no channel.
+        """
+        names = [g.name for g in groups]
+        check_patterns(self.skip, names, "skip")
+        if isinstance(self.prune_ratio, Mapping):
+            check_patterns(list(self.prune_ratio), names, "prune_ratio")
+        if self.keep is not None:
+            check_patterns(list(self.keep), names, "keep")
+        sizes = target_group_sizes(model, self.target) if self.target is not None else None
+        counts = {}
+        for g in groups:
+            size = group_size(model, g)
+            k = self._count(g.name, size, sizes)
+            if k > size:
+                raise ValueError(f"target width {k} of {g.name!r} is larger than the layer ({size} {self.unit})")
+            k = max(k, min(self.floor, size))
+            check_not_emptied(g.name, k, g.branch, f"keep more {self.unit}, lower its prune ratio or set floor: 1")
+            counts[g.name] = k
+        return counts
+
+    def _count(self, name: str, size: int, sizes: Mapping[str, int] | None) -> int:
+        if matches_any(name, self.skip):
+            return size
+        if sizes is not None:
+            return sizes.get(name, 0)  # a group absent from the target lost its whole branch
+        if self.keep is not None:
+            return next((k for pattern, k in self.keep.items() if matches_any(name, [pattern])), size)
+        return int(size * (1 - ratio_for(name, self.prune_ratio, default=0.0)))

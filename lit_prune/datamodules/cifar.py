@@ -15,6 +15,11 @@ On-disk layout: torchvision's, i.e. the extracted python-version archives
 ``<root>/cifar-100-python/{train,test,meta}``. torchvision checks the md5 of every file; ``verify: false``
 skips that check and exists for generated test data only.
 
+Every batch and meta file is read with a restricted unpickler (:func:`read_batch`), whatever ``verify``
+says: it admits only what a CIFAR batch holds (dicts, lists, strings, ints and numpy arrays) and refuses
+any other global, so a file that is not a CIFAR batch cannot run code; a truncated or malformed file gives
+an error that names it.
+
 Example (YAML, LightningCLI)::
 
     data:
@@ -32,6 +37,7 @@ import os
 import pickle
 from typing import Any
 
+import numpy as np
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -56,7 +62,113 @@ _STATS: dict[str, dict[str, tuple[tuple[float, ...], tuple[float, ...]]]] = {
 }
 
 
-class _SkipIntegrityMixin:
+# The globals a CIFAR batch pickle may name: numpy's array and scalar reconstruction (numpy 1 wrote
+# ``numpy.core``, numpy 2 writes ``numpy._core``; protocol 5 pickles rebuild arrays with ``_frombuffer``) and
+# plain containers. None of them runs code from the file.
+_ALLOWED_GLOBALS = {
+    *((f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")),
+    *((f"{core}.numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    *(("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray")),
+    ("_codecs", "encode"),  # how Python 3 writes bytes (an array's buffer) in protocol 0-2 pickles
+}
+
+
+class CIFARFileError(ValueError):
+    """A CIFAR batch or meta file that is not a readable CIFAR pickle (corrupted, truncated or foreign)."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickler that admits only the globals of :data:`_ALLOWED_GLOBALS`."""
+
+    def __init__(self, file: Any, path: str) -> None:
+        # Real CIFAR pickles were written by Python 2: latin1 keeps their keys as str.
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise CIFARFileError(
+                f"{self.path} is not a CIFAR batch file: it asks to load {module}.{name}, and a CIFAR batch "
+                "holds only numpy arrays, lists, dicts and strings. Refusing to read it (it could run code); "
+                "delete the file and get the data again."
+            )
+        return super().find_class(module, name)
+
+
+def read_batch(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read one CIFAR python batch (or meta) file safely; ``keys``: at least one of them must be present.
+
+    Raises:
+        CIFARFileError: a file that needs anything but arrays and containers (refused before anything of it
+            runs), a truncated or corrupted file, or one without the expected entries; the message names it.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, path).load()
+    except CIFARFileError:
+        raise
+    except Exception as err:  # EOFError (truncated), UnpicklingError, ValueError, ... : not a CIFAR pickle
+        raise CIFARFileError(
+            f"{path} is not a readable CIFAR batch file (truncated or corrupted: {type(err).__name__}: {err}). "
+            "Delete the dataset folder and get the data again."
+        ) from None
+    if not isinstance(entry, dict) or (keys and not any(k in entry for k in keys)):
+        what = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise CIFARFileError(f"{path} is not a CIFAR batch file: expected a dict with {' or '.join(keys)}, "
+                             f"got {what}")
+    return entry
+
+
+class _SafeReadMixin:
+    """torchvision's CIFAR loading, with every file read by :func:`read_batch` instead of plain pickle."""
+
+    root: str
+    base_folder: str
+    train_list: list[list[str]]
+    test_list: list[list[str]]
+    meta: dict[str, str]
+
+    def __init__(self, root: str, train: bool = True, transform: Any = None, target_transform: Any = None,
+                 download: bool = False) -> None:
+        # torchvision's VisionDataset (the class after CIFAR10 in the MRO); CIFAR10.__init__ would unpickle
+        super(CIFAR10, self).__init__(root, transform=transform, target_transform=target_transform)
+        self.train = train
+        if download:
+            self.download()
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        data, self.targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            path = os.path.join(self.root, self.base_folder, name)
+            entry = read_batch(path, ("data",))
+            labels = entry.get("labels", entry.get("fine_labels"))
+            array = entry["data"]
+            if (not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != 3072
+                    or labels is None or len(labels) != len(array)):
+                raise CIFARFileError(f"{path} is not a CIFAR batch file: expected 'data' of shape (N, 3072) and N "
+                                     "'labels' (or 'fine_labels')")
+            data.append(array)
+            self.targets.extend(int(v) for v in labels)
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC
+        self._load_meta()
+
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        if self._verify_meta() is False:
+            raise RuntimeError("Dataset metadata file not found or corrupted. You can use download=True to download it")
+        self.classes = read_batch(path, (self.meta["key"],))[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    def _verify_meta(self) -> bool:
+        from torchvision.datasets.utils import check_integrity
+
+        return check_integrity(os.path.join(self.root, self.base_folder, self.meta["filename"]), self.meta["md5"])
+
+
+class _SkipIntegrityMixin(_SafeReadMixin):
     """Replaces torchvision's md5 checks by a presence check. For generated test data only."""
 
     root: str
@@ -69,12 +181,16 @@ class _SkipIntegrityMixin:
         folder = os.path.join(self.root, self.base_folder)
         return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
 
-    def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        with open(path, "rb") as f:
-            # Real CIFAR pickles were written by Python 2: latin1 keeps their keys as str.
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+    def _verify_meta(self) -> bool:
+        return os.path.isfile(os.path.join(self.root, self.base_folder, self.meta["filename"]))
+
+
+class _CIFAR10(_SafeReadMixin, CIFAR10):
+    pass
+
+
+class _CIFAR100(_SafeReadMixin, CIFAR100):
+    pass
 
 
 class _UnverifiedCIFAR10(_SkipIntegrityMixin, CIFAR10):
@@ -86,8 +202,8 @@ class _UnverifiedCIFAR100(_SkipIntegrityMixin, CIFAR100):
 
 
 _DATASETS = {
-    ("cifar10", True): CIFAR10,
-    ("cifar100", True): CIFAR100,
+    ("cifar10", True): _CIFAR10,
+    ("cifar100", True): _CIFAR100,
     ("cifar10", False): _UnverifiedCIFAR10,
     ("cifar100", False): _UnverifiedCIFAR100,
 }

@@ -21,7 +21,9 @@ Experiment config (YAML)::
     regimes:                               # any subset; arguments are appended to the stage's command
       finetune: {args: [--model.lr=0.001, --model.schedule=constant, --trainer.max_epochs=40]}
       scratch_e: {args: []}
-      scratch_b: {rule: fractions, cap: null, args: []}    # rules: fractions, thirds, scale, multiples
+      scratch_b: {rule: fractions, cap: null, convention: macs, args: []}  # rules: fractions, thirds, scale,
+      #   multiples; convention of the FLOPs ratio r: macs (conv + linear MACs, the tables' numbers) or
+      #   reference (the paper's compute_flops.py, with BN, ReLU and pooling: how its epochs were computed)
       # more regimes: NAME: {regime: finetune | scratch | rewind, budget: same | compute, args: [...]}
     paper:                                 # optional: numbers printed beside ours, per variant
       B: {unpruned: "93.14 +-0.12 [RW]", scratch_b: "93.05 +-0.18 [RW]"}
@@ -54,13 +56,14 @@ DEFAULTS = {"finetune": {"regime": "finetune", "budget": "same"},
             "scratch_e": {"regime": "scratch", "budget": "same"},
             "scratch_b": {"regime": "scratch", "budget": "compute"}}
 RULES = ("fractions", "thirds", "scale", "multiples")  # lit_prune.core.budget.RULES (importing it costs torch)
+CONVENTIONS = ("macs", "reference")  # lit_prune.core.flops.CONVENTIONS, Scratch-B's FLOPs ratio
 HASH_VERSION = 2  # 1 (no "hash_version" in experiment.json): the --config files named in args were not hashed
 
 _TOP_KEYS = {"name", "base", "seeds", "args", "large", "variants", "regimes", "paper", "out"}
 _LARGE_KEYS = {"args", "checkpoint", "arch", "weights"}
 _VARIANT_KEYS = {"name", "method", "from_training", "width_config", "arch", "source"}
 _SOURCE_KEYS = {"variant", "regime"}
-_REGIME_KEYS = {"regime", "budget", "rule", "cap", "args"}
+_REGIME_KEYS = {"regime", "budget", "rule", "cap", "convention", "args"}
 # Names become directories next to the runner's own (seed<N>/large, seed<N>/<variant>/prune, .../pruned)
 # and rows of the results table (unpruned, pruned).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
@@ -123,6 +126,7 @@ class RegimeConfig:
     rule: str = "fractions"
     cap: float | None = None
     args: tuple[str, ...] = ()
+    convention: str = "macs"  # FLOPs convention of a compute budget's ratio (lit_prune.core.flops)
 
     @property
     def compute(self) -> bool:
@@ -172,7 +176,10 @@ class ExperimentConfig:
             "large": {"args": list(self.large.args), "checkpoint": self.large.checkpoint, "arch": self.large.arch,
                       "weights": self.large.weights},
             "variants": [variant(v) for v in self.variants],
-            "regimes": {k: {"regime": r.regime, "budget": r.budget, "rule": r.rule, "cap": r.cap, "args": list(r.args)}
+            # the convention only where it is not the default, so that a directory made before it existed keeps
+            # its hash
+            "regimes": {k: {"regime": r.regime, "budget": r.budget, "rule": r.rule, "cap": r.cap, "args": list(r.args),
+                            **({"convention": r.convention} if r.convention != "macs" else {})}
                         for k, r in self.regimes.items()},
             "paper": {k: dict(v) for k, v in self.paper.items()}, "out": self.out,
         }
@@ -433,9 +440,16 @@ class _Loader:
                             f"ImageNet), got {cfg['cap']}")
         if cfg.get("rule", "fractions") not in RULES:
             raise self.fail(f"regime {key!r}: rule must be one of {', '.join(RULES)}, got {cfg.get('rule')!r}")
+        convention = cfg.get("convention", "macs")
+        if convention not in CONVENTIONS:
+            raise self.fail(f"regime {key!r}: convention must be one of {', '.join(CONVENTIONS)} (the FLOPs "
+                            f"counted for Scratch-B's ratio), got {convention!r}")
+        if "convention" in cfg and cfg.get("budget", "same") != "compute":
+            raise self.fail(f"regime {key!r}: convention is the FLOPs convention of a compute budget "
+                            "(Scratch-B); this regime has budget 'same'")
         return RegimeConfig(key, cfg["regime"], cfg.get("budget", "same"), cfg.get("rule", "fractions"),
                             None if cfg.get("cap") is None else float(cfg["cap"]),
-                            self.arg_list(cfg.get("args"), f"regimes.{key}.args"))
+                            self.arg_list(cfg.get("args"), f"regimes.{key}.args"), convention)
 
     def variant(self, i: int, v: Any, earlier: list[VariantConfig], regimes: Mapping[str, Any]) -> VariantConfig:
         v = self.mapping(v, f"variants[{i}]", _VARIANT_KEYS)

@@ -3,7 +3,10 @@
 For every seed: the large model, then per variant its prune stage, the pruned model's test (no
 retraining) and one stage per regime. A stage's epochs are those of its resolved train.py config
 (:meth:`ExperimentConfig.resolve`); a compute-budget regime (Scratch-B) gets its epochs and milestones
-once the variant's artifact exists, from its FLOPs ratio (:meth:`Planner.scratch_b`).
+once the variant's artifact exists, from its FLOPs ratio (:meth:`Planner.scratch_b`): the ratio the
+artifact stores (MACs, ``convention: macs``), or with ``convention: reference`` the ratio of the paper's
+reference counters (paper-spec 1.3-1.4), recounted on the artifact's model and on the dense model rebuilt
+from the artifact's architecture.
 """
 
 from __future__ import annotations
@@ -55,10 +58,14 @@ class ScratchB:
     ratio: float
     factor: float  # the ratio, or the cap where it applies
     args: list[str]  # appended to the stage's command
+    convention: str = "macs"  # the FLOPs convention the ratio was counted in
+    fallback: str = ""  # why the reference convention could not be used (the stored MACs ratio was)
 
     @property
     def note(self) -> str:
-        return f"r = {self.ratio:.3f}" + (f", capped at {self.factor:g}" if self.factor < self.ratio else "")
+        note = f"r = {self.ratio:.3f}" + (" (reference FLOPs)" if self.convention == "reference" else "")
+        note += f", capped at {self.factor:g}" if self.factor < self.ratio else ""
+        return note + (f"; {self.fallback}" if self.fallback else "")
 
     def applied_to(self, st: Stage) -> Stage:
         """The stage with this budget (a new Stage; ``st`` is left as it is)."""
@@ -168,13 +175,77 @@ class Planner:
         from lit_prune.core.budget import scratch_b_budget
 
         assert st.variant is not None, st
-        art = load_artifact(self.layout.artifact(st.seed, st.variant))
+        path = self.layout.artifact(st.seed, st.variant)
+        art = load_artifact(path)
         regime = self.config.regimes[st.kind]
+        ratio, convention, fallback = art["flops"]["ratio"], "macs", ""
+        if regime.convention == "reference":
+            try:
+                ratio, convention = reference_ratio(art, self.large_cfg(), self.large.arch), "reference"
+            except _NoReference as why:
+                fallback = f"reference FLOPs unavailable ({why}), using the artifact's MACs ratio"
+                print(f"note: {st.label}: {fallback}", file=sys.stderr, flush=True)
         try:
-            budget = scratch_b_budget(self.epochs, art["flops"]["ratio"], rule=regime.rule, cap=regime.cap,
+            budget = scratch_b_budget(self.epochs, ratio, rule=regime.rule, cap=regime.cap,
                                       base_milestones=self.large.milestones)
         except ValueError as err:
             raise ExperimentError(f"regime {st.kind!r}: {err}") from None
         return ScratchB(budget.epochs, list(budget.milestones), budget.ratio, budget.factor,
                         [f"--trainer.max_epochs={budget.epochs}", "--model.schedule=multistep",
-                         f"--model.milestones={json.dumps(budget.milestones)}"])
+                         f"--model.milestones={json.dumps(budget.milestones)}"], convention, fallback)
+
+    def large_cfg(self) -> Any:
+        """The width config the base config gives the large model (``model.cfg``; None: the unpruned one)."""
+        model = self.config.docs[self.config.base].get("model")
+        return model.get("cfg") if isinstance(model, dict) else None
+
+
+class _NoReference(Exception):
+    """Why the dense model of an artifact cannot be rebuilt for the reference count."""
+
+
+def reference_ratio(art: dict[str, Any], large_cfg: Any = None, large_arch: str | None = None) -> float:
+    """Scratch-B's r in the reference convention (paper-spec 1.3-1.4): ``FLOPs(large) / FLOPs(pruned)``
+    with ``count_flops(..., convention="reference")``, the pruned model after its masks (non-zero conv
+    weights where the artifact has masks, as the paper intends; paper-spec 12.2).
+
+    The artifact stores the large model's counts as MACs only, so the large model is rebuilt: the
+    artifact's architecture name and its non-width kwargs (num_classes, depth, ...), with the large model's
+    ``cfg`` or the unpruned widths; where that is not the large model, ``large_arch`` (the large model's
+    zoo name, e.g. VGG-16 beside a ThiNet-GAP variant) with the artifact's ``num_classes``. The first
+    rebuilt model with the MACs the artifact recorded for its large model is the large model.
+
+    Raises:
+        _NoReference: the large model cannot be rebuilt (another architecture, other widths).
+    """
+    import torch
+
+    from lit_prune.artifact import build_model
+    from lit_prune.core.flops import count_flops
+    from lit_prune.models import create_model
+
+    arch = art["architecture"]
+    size = tuple(art.get("input_size") or ()) or None
+    pruned = build_model(art)
+    widths = set(pruned.arch_kwargs())  # cfg, select: what pruning changed
+    own = {k: v for k, v in arch["kwargs"].items() if k not in widths}
+    candidates = [(arch["name"], own)]
+    if large_arch and large_arch != arch["name"]:
+        candidates.append((large_arch, {k: v for k, v in own.items() if k == "num_classes"}))
+    if large_cfg is not None:  # the large model's widths first, then the unpruned ones
+        candidates = [c for name, kw in candidates for c in ((name, {**kw, "cfg": large_cfg}), (name, kw))]
+    stored, problems = art["flops"]["dense"]["macs"], []
+    for name, kwargs in candidates:
+        try:
+            with torch.device("meta"):  # shapes are all a dense count needs
+                dense_count = count_flops(create_model(name, **kwargs), size, convention="reference")
+        except (KeyError, TypeError, ValueError) as err:
+            problems.append(f"cannot rebuild a large {name} ({err})")
+            continue
+        if dense_count.macs == stored:
+            break
+        problems.append(f"a rebuilt large {name} has {dense_count.macs} MACs, the artifact recorded {stored}")
+    else:
+        raise _NoReference("; ".join(problems))
+    with_masks = bool(art.get("masks"))
+    return dense_count.flops / max(count_flops(pruned, size, nonzero=with_masks, convention="reference").flops, 1)

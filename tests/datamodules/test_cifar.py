@@ -148,3 +148,88 @@ def test_failed_download_gives_a_clear_error(tmp_path, monkeypatch):
 def test_invalid_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         CIFARDataModule(str(tmp_path), batch_size=2, **kwargs)
+
+
+# ---- reading the batch files safely -------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs ``os.system``: what a malicious "CIFAR batch" would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+class _PathPayload(_Payload):
+    """... or writes a file without a shell."""
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _as_if_verified(monkeypatch) -> None:
+    """The verified datasets, as if the md5 of every file matched (it is read the same safe way)."""
+    from lit_prune.datamodules import cifar
+
+    for cls in (cifar._CIFAR10, cifar._CIFAR100):
+        monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+        monkeypatch.setattr(cls, "_verify_meta", lambda self: True)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("payload", [_Payload, _PathPayload])
+@pytest.mark.parametrize("name,wrap", [("data_batch_1", True), ("data_batch_1", False), ("batches.meta", False)])
+def test_a_batch_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monkeypatch, verify, payload, name,
+                                                                      wrap):
+    write_fake_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "marker"
+    path = tmp_path / "cifar-10-batches-py" / name
+    obj = payload(marker)
+    _dump(path, {"data": obj, "labels": [0]} if wrap else obj)
+    if verify:
+        _as_if_verified(monkeypatch)
+    dm = CIFARDataModule(str(tmp_path), batch_size=2, num_workers=0, verify=verify)
+    with pytest.raises(ValueError, match="is not a CIFAR batch file: it asks to load") as err:
+        dm.setup("fit")
+    assert str(path) in str(err.value) and "could run code" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_truncated_batch_file_is_named(tmp_path):
+    write_fake_cifar(tmp_path, "cifar100")
+    path = tmp_path / "cifar-100-python" / "test"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    dm = CIFARDataModule(str(tmp_path), batch_size=2, num_workers=0, dataset="cifar100", verify=False)
+    with pytest.raises(ValueError, match="truncated or corrupted") as err:
+        dm.setup("test")
+    assert str(path) in str(err.value)
+
+
+def test_a_pickle_of_something_else_is_named(tmp_path):
+    write_fake_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    _dump(path, {"images": [1, 2, 3]})
+    dm = CIFARDataModule(str(tmp_path), batch_size=2, num_workers=0, verify=False)
+    with pytest.raises(ValueError, match="expected a dict with data") as err:
+        dm.setup("test")
+    assert str(path) in str(err.value)
+
+
+def test_python2_style_batches_load_through_the_restricted_reader(tmp_path, monkeypatch):
+    """The official files are protocol-2 pickles of numpy arrays (``_reconstruct``), read with latin1."""
+    from lit_prune.datamodules.cifar import read_batch
+
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    path = tmp_path / "batch"
+    with open(path, "wb") as f:
+        pickle.dump({"data": data, "labels": [1, 2], "filenames": ["a.png", "b.png"]}, f, protocol=2)
+    entry = read_batch(path, ("data",))
+    assert np.array_equal(entry["data"], data) and entry["labels"] == [1, 2]
+    write_fake_cifar(tmp_path / "c100", "cifar100")
+    _as_if_verified(monkeypatch)
+    dm = CIFARDataModule(str(tmp_path / "c100"), batch_size=2, num_workers=0, dataset="cifar100", verify=True)
+    dm.setup("fit")
+    assert len(dm.train_set) == N_PER_FILE and dm.train_set.classes[:2] == ["f0", "f1"]

@@ -39,7 +39,8 @@ def _stages(config: Path, tmp_path: Path) -> dict[str, object]:
     ({"large": {"checkpiont": "x.ckpt"}}, r"large: unknown keys \['checkpiont'\]; known: \['arch', 'args', "
                                           r"'checkpoint', 'weights'\]"),
     ({"regimes": {"finetune": {"arg": ["--model.lr=0.01"]}}},
-     r"regimes.finetune: unknown keys \['arg'\]; known: \['args', 'budget', 'cap', 'regime', 'rule'\]"),
+     r"regimes.finetune: unknown keys \['arg'\]; known: \['args', 'budget', 'cap', 'convention', 'regime', "
+     r"'rule'\]"),
     ({"variants": [{"name": "l1", "method": METHOD, "widht_config": "a"}]},
      r"variants\[0\]: unknown keys \['widht_config'\]; known: \['arch', 'from_training', 'method', 'name', "
      r"'source', 'width_config'\]"),
@@ -64,6 +65,10 @@ def _stages(config: Path, tmp_path: Path) -> dict[str, object]:
     ({"regimes": {"extra": {}}}, r"regime 'extra' needs 'regime: finetune \| scratch \| rewind'"),
     ({"regimes": {"scratch_b": {"cap": 0.5}}}, r"the Scratch-B cap must be >= 1"),
     ({"regimes": {"scratch_b": {"rule": "halves"}}}, r"rule must be one of fractions, thirds, scale, multiples"),
+    ({"regimes": {"scratch_b": {"convention": "flops"}}}, r"regime 'scratch_b': convention must be one of macs, "
+                                                          r"reference \(the FLOPs counted for Scratch-B's ratio\)"),
+    ({"regimes": {"scratch_e": {"convention": "reference"}}}, r"convention is the FLOPs convention of a compute "
+                                                              r"budget \(Scratch-B\); this regime has budget 'same'"),
     ({"large": {"weights": "r50.pth"}}, r"large.weights needs large.arch"),
     ({"large": {"args": ["--config=missing.yaml"]}}, r"large.args: --config missing.yaml does not exist"),
     ({"variants": [{"name": "l1", "method": "missing.yaml"}]}, r"method config missing.yaml does not exist"),
@@ -217,3 +222,27 @@ def test_the_runner_imports_neither_torch_nor_lightning() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"
     assert importlib.util.find_spec("lit_prune.protocol.stage") is not None
+
+
+def test_scratch_b_convention_defaults_to_macs_and_only_reference_enters_the_hash(tmp_path: Path) -> None:
+    plain = load_experiment(_write(tmp_path / "a.yaml"))
+    macs = load_experiment(_write(tmp_path / "b.yaml", regimes={"scratch_b": {"convention": "macs"}}))
+    ref = load_experiment(_write(tmp_path / "c.yaml", regimes={"scratch_b": {"convention": "reference"}}))
+    assert plain.regimes["scratch_b"].convention == "macs" and ref.regimes["scratch_b"].convention == "reference"
+    assert "convention" not in plain.to_dict()["regimes"]["scratch_b"]  # directories made before it keep their hash
+    assert ref.to_dict()["regimes"]["scratch_b"]["convention"] == "reference"
+    only_b = {k: v for k, v in plain.to_dict().items() if k != "regimes"}
+    assert {k: v for k, v in macs.to_dict().items() if k != "regimes"} == only_b
+    assert macs.to_dict()["regimes"]["scratch_b"] == {"regime": "scratch", "budget": "compute", "rule": "fractions",
+                                                      "cap": None, "args": []}
+    assert config_hash(ref) != config_hash(macs)
+
+
+# SSS trained in MXNet: its Scratch-B schedule (paper-spec 1.3) does not come from a compute_flops.py
+@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if not p.stem.startswith(("quickstart", "sss_"))],
+                         ids=lambda p: p.stem)
+def test_paper_configs_compute_scratch_b_with_the_reference_convention(path: Path, monkeypatch) -> None:
+    """The paper's epochs came from its reference counters (paper-spec 1.3-1.4); tables keep quoting MACs."""
+    monkeypatch.chdir(REPO)
+    exp = load_experiment(path.relative_to(REPO))
+    assert all(r.convention == "reference" for r in exp.regimes.values() if r.compute)

@@ -96,3 +96,47 @@ def test_every_stage_directory_comes_from_the_layout(monkeypatch, tmp_path) -> N
     assert [layout.results_md, layout.results_json, layout.results_png] == [
         out / "results.md", out / "results.json", out / "results.png"]
     assert layout.row_dir(0, "round1", "unpruned") == out / "seed0" / "large"
+
+
+# ---- Scratch-B's FLOPs convention ------------------------------------------------------------------------
+_SLIM70 = [19, 15, "M", 41, 41, "M", 74, 67, 93, 73, "M", 147, 162, 157, 155, "M", 152, 148, 157, 150]
+
+
+def _scratch_b_of(tmp_path: Path, monkeypatch, convention: str, dense_macs: int | None = None):
+    """Scratch-B of a planned tiny experiment (160 epochs) whose artifact is VGG-19 slimmed at 70%."""
+    from lit_prune.artifact import make_artifact, save_artifact
+    from lit_prune.core.flops import count_flops
+    from lit_prune.models import create_model
+
+    monkeypatch.chdir(REPO)
+    base = REPO / "configs" / "quickstart.yaml"
+    exp = {"name": "conv", "base": str(base), "seeds": [0], "args": ["--trainer.max_epochs=160"],
+           "variants": [{"name": "p70", "method": str(REPO / "configs" / "methods" / "l1_quickstart.yaml")}],
+           "regimes": {"scratch_b": {"rule": "fractions", "convention": convention}}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    protocol = Protocol(load_experiment(path), tmp_path / "out")
+    stage = next(s for s in protocol.plan() if s.kind == "scratch_b")
+    dense = count_flops(create_model("slim_vgg19"))
+    art = make_artifact(create_model("slim_vgg19", cfg=_SLIM70), method="test",
+                        dense={"macs": dense.macs if dense_macs is None else dense_macs, "params": dense.params})
+    save_artifact(art, RunLayout(tmp_path / "out").artifact(0, "p70"))
+    return protocol.scratch_b(stage)
+
+
+@pytest.mark.parametrize("convention,epochs,milestones,ratio", [("macs", 1768, [884, 1326], 11.050),
+                                                                ("reference", 1763, [881, 1322], 11.019)])
+def test_scratch_b_counts_flops_in_the_configured_convention(convention, epochs, milestones, ratio, tmp_path,
+                                                             monkeypatch) -> None:
+    budget = _scratch_b_of(tmp_path, monkeypatch, convention)
+    assert (budget.epochs, budget.milestones, round(budget.ratio, 3)) == (epochs, milestones, ratio)
+    assert budget.convention == convention and not budget.fallback
+    assert f"--trainer.max_epochs={epochs}" in budget.args
+
+
+def test_reference_convention_falls_back_to_the_stored_ratio_with_a_note(tmp_path, monkeypatch, capsys) -> None:
+    """A large model that cannot be rebuilt (its recorded MACs are not the artifact architecture's)."""
+    budget = _scratch_b_of(tmp_path, monkeypatch, "reference", dense_macs=2 * 398136320)
+    assert budget.convention == "macs" and budget.epochs == int(160 * 2 * 398136320 / 36029796)
+    assert "reference FLOPs unavailable" in budget.note and "the artifact recorded 796272640" in budget.note
+    assert "using the artifact's MACs ratio" in capsys.readouterr().err

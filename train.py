@@ -1,6 +1,9 @@
-"""Train, validate or test any lit-prune model: ``python train.py fit --config configs/...``."""
+"""Train, validate or test any lit-prune model: ``python train.py fit --config configs/...``.
 
-from lit_prune.cli import main
+The command is :mod:`lit_prune.cli.train` (lit-prune's LightningCLI).
+"""
+
+from lit_prune.cli.train import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The command-line tools: lit_prune.flops and lit_prune.prune."""
+"""The command-line tools: lit_prune.cli.flops and lit_prune.cli.prune (python -m lit_prune.flops, .prune)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lit_prune import flops, prune
 from lit_prune.artifact import load_artifact
+from lit_prune.cli import flops, prune
 from lit_prune.core.budget import scratch_b_budget
 from lit_prune.core.flops import count_flops
 from lit_prune.models import architecture, create_model, get_width_config

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_prune.cli import main
+from lit_prune.cli.train import main
 from tests.datamodules.test_cifar import write_fake_cifar
 from tests.datamodules.test_imagenet import write_image_folder
 

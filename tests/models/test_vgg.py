@@ -104,14 +104,6 @@ def test_official_vgg16_sizes() -> None:
 # ------------------------------------------------------------------------------ build, forward, backward
 
 
-@pytest.mark.parametrize("name", ALL_VGG)
-def test_reduced_width_forward_backward(name: str) -> None:
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=7, **_scaled(name))
-    model.train()
-    _forward_backward(model, 7)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_VGG)
 def test_full_width_forward_backward(name: str) -> None:

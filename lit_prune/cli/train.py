@@ -1,4 +1,4 @@
-"""``train.py``: the LightningCLI of lit-prune (fit, validate, test, predict)."""
+"""``python train.py``: the LightningCLI of lit-prune (fit, validate, test, predict)."""
 
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ from torch import nn
 from callbacks import L1FilterPruning, NetworkSlimming, PruningCallback
 from lit_prune.artifact import load_model, save_artifact
 from lit_prune.core.flops import count_flops
+from lit_prune.methods.base import Decision
 from lit_prune.models import architecture, create_model
 
 GAMMA_RECIPE = (
@@ -194,7 +195,7 @@ def export_times(
         t0 = time.perf_counter()
         keeps = cb.select(dense)
         t1 = time.perf_counter()
-        art = cb.export(dense, keeps, path=None)
+        art = cb.export(dense, Decision(keeps=keeps), path=None)
         t2 = time.perf_counter()
         save_artifact(art, path)
         t3 = time.perf_counter()

@@ -20,6 +20,7 @@ from lit_prune.artifact import flops_summary, make_artifact, save_artifact
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.surgery import prune_groups
+from lit_prune.methods.base import Context, Decision, PruningMethod, check_finite
 from lit_prune.methods.state import Counts, PruneState
 
 __all__ = ["PruningCallback", "log_metrics", "unwrap"]
@@ -62,12 +63,22 @@ class PruningCallback(pl.Callback):
         keep_init: save theta_0 for lottery-ticket rewinding.
     """
 
-    #: the method's name in artifacts and logs
-    method: str = "pruning"
     #: whether the masks are imposed after every optimizer step (soft methods such as SFP set False)
     enforce_masks: bool = True
-    #: whether :meth:`prune` needs training images (``dataloader=``): the prune CLI's ``--data-config``
-    needs_data: bool = False
+    #: the method's decision, plain PyTorch (subclasses set it in ``__init__``)
+    pruner: PruningMethod = PruningMethod()
+    #: whether the method writes its artifact when training ends (slimming and SSS can only train)
+    prune_at_end: bool = True
+
+    @property
+    def method(self) -> str:
+        """The method's name in artifacts and logs."""
+        return self.pruner.name
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether :meth:`prune` needs training images (``dataloader=``): the prune CLI's ``--data-config``."""
+        return self.pruner.needs_data
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Record the constructor arguments, bound to each __init__'s signature with the defaults filled in:
@@ -166,6 +177,13 @@ class PruningCallback(pl.Callback):
             self.state.capture_init(model)
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.num_training_batches == 0 and self.prune_at_end and self.artifact_path is not None:
+            raise ValueError(f"{type(self).__name__} never ran: this fit trained no batch (limit_train_batches: 0?), "
+                             "so no artifact was written. Train for at least one batch, or prune a trained checkpoint "
+                             "with python -m lit_prune.prune")
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enforce_masks:  # restored from a checkpoint: re-impose before any step
             self.state.after_optimizer_step(unwrap(pl_module), _optimizer(trainer))
@@ -181,14 +199,27 @@ class PruningCallback(pl.Callback):
             self.state.after_optimizer_step(unwrap(pl_module), _optimizer(trainer))
 
     # ---- one-shot pruning ---------------------------------------------------------------------------
+    def context(self, trainer: pl.Trainer | None, dataloader: Any = None) -> Context:
+        """The method's view of the run: data, rank, and the collectives of the Trainer's strategy."""
+        log = functools.partial(log_metrics, trainer)
+        if trainer is None or trainer.world_size == 1:
+            return Context(dataloader=dataloader, log=log)
+        return Context(dataloader=dataloader, rank=trainer.global_rank, world_size=trainer.world_size,
+                       reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+                       broadcast=functools.partial(self.broadcast, trainer), log=log)
+
+    def decide(self, model: nn.Module, ctx: Context) -> Decision:
+        """The method's decision for ``model`` (an extension point: the default asks :attr:`pruner`)."""
+        return self.pruner.decide(model, ctx)
+
     def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
-        """Keep vectors ``{group name: bool tensor}`` for ``model`` (implemented by one-shot methods).
+        """The keep vectors ``{group name: bool tensor}`` this method chooses for ``model`` (one process).
 
         Args:
-            model: the trained network.
+            model: the trained network (left as it is).
             dataloader: training images, for the methods that declare ``needs_data``.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no one-shot selection")
+        return self.decide(model, self.context(None, dataloader)).keeps
 
     def dense_of(self, model: nn.Module) -> Counts:
         """The counts of the dense model as exported (SSS leaves its block factors out)."""
@@ -198,7 +229,7 @@ class PruningCallback(pl.Callback):
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
         source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
     ) -> dict[str, Any] | None:
-        """Select on rank 0, share the decision, export the physically pruned copy as an artifact.
+        """Decide, share rank 0's decision, export the pruned copy as an artifact.
 
         Every method takes these arguments; a model outside the zoo is pruned in place instead and None is
         returned (see :meth:`export`).
@@ -212,8 +243,17 @@ class PruningCallback(pl.Callback):
                 artifact when the callback keeps none of its own.
             dataloader: training images, for the methods that declare ``needs_data`` (ignored by the others).
         """
-        keeps = self.broadcast(trainer, self.select(model, dataloader))
-        return self.export(model, keeps, trainer=trainer, path=path, source=source, init_state=init_state)
+        check_finite(model)
+        self.state.record_dense(model, self.dense_of(model))
+        decision = self.decide(model, self.context(trainer, dataloader))
+        # rank 0's keeps and masks on every rank; a network the method built itself is identical on every
+        # rank already (its data-driven steps were all-reduced and broadcast as it went)
+        local = decision.cpu()
+        shared = self.broadcast(trainer, {"keeps": local.keeps, "masks": local.masks})
+        decision.keeps, decision.masks = shared["keeps"], shared["masks"]
+        if decision.masks:
+            self.state.set_masks(decision.masks)
+        return self.export(model, decision, trainer=trainer, path=path, source=source, init_state=init_state)
 
     # ---- helpers for subclasses --------------------------------------------------------------------
     @staticmethod
@@ -240,19 +280,19 @@ class PruningCallback(pl.Callback):
     def export(
         self,
         model: nn.Module,
-        keeps: Mapping[str, torch.Tensor],
+        decision: Decision,
         *,
         trainer: pl.Trainer | None = None,
-        masks: Masks | None = None,
         path: str | None = None,
         source: str | None = None,
         init_state: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any] | None:
-        """Prune a *copy* of ``model`` physically, log the result, and write the artifact on rank 0.
+        """Apply ``decision`` to a *copy* of ``model``, log the result, and write the artifact on rank 0.
 
-        With no ``keeps`` nothing is removed physically: the artifact is the full-size model with its
-        ``masks`` (unstructured and other masked methods). The live model is left untouched, so the
-        trainer can still test or checkpoint it.
+        The copy loses the decision's ``keeps`` physically and keeps its ``masks`` (with no keeps it is the
+        full-size model with its masks: unstructured and other masked methods); a decision that carries its
+        own ``pruned`` network is exported as it is. The live model is left untouched, so the trainer can still
+        test or checkpoint it.
 
         A model outside the zoo (a user's own network, whose groups are traced) cannot be described as
         an artifact: it is pruned (and masked) *in place* instead, with a warning, and nothing is written.
@@ -268,18 +308,20 @@ class PruningCallback(pl.Callback):
                 "so no artifact is written; the model itself is pruned in place (its checkpoints hold the dense "
                 "weights)"
             )
-        pruned = copy.deepcopy(model) if zoo else model  # every rank holds the same keeps: replicas change alike
-        if keeps:
-            prune_groups(pruned, keeps)
-        if masks:
-            apply_masks(pruned, masks)
+        pruned = decision.pruned
+        if pruned is None:
+            pruned = copy.deepcopy(model) if zoo else model  # every rank holds the same keeps: replicas change alike
+            if decision.keeps:
+                prune_groups(pruned, decision.keeps)
+        if decision.masks:
+            apply_masks(pruned, decision.masks)
         if not zoo:
-            self._log_export(trainer, keeps, flops_summary(pruned, dense.to_dict()), len(masks or {}))
+            self._log_export(trainer, decision, flops_summary(pruned, dense.to_dict(), masked=bool(decision.masks)))
             return None
         init = self.init_state if self.init_state is not None else init_state
         art = make_artifact(pruned, method=self.method, settings=self.settings(), source=source,
-                            dense=dense.to_dict(), masks=masks, init_state=init)
-        self._log_export(trainer, keeps, art["flops"], len(masks or {}))
+                            dense=dense.to_dict(), masks=decision.masks, init_state=init)
+        self._log_export(trainer, decision, art["flops"])
         self.written = self.write(art, self.resolve_path(trainer, path), trainer) or self.written
         return art
 
@@ -295,36 +337,25 @@ class PruningCallback(pl.Callback):
             trainer.strategy.barrier("lit_prune_export")
         return str(target)
 
-    def _log_export(
-        self, trainer: pl.Trainer | None, keeps: Mapping[str, torch.Tensor], flops: Mapping[str, Any], masked: int
-    ) -> None:
+    def _log_export(self, trainer: pl.Trainer | None, decision: Decision, flops: Mapping[str, Any]) -> None:
         metrics = {
             "prune/macs_dense": flops["dense"]["macs"], "prune/macs_pruned": flops["pruned"]["macs"],
             "prune/params_dense": flops["dense"]["params"], "prune/params_pruned": flops["pruned"]["params"],
             "prune/flops_ratio": flops["ratio"],
         }
-        extra, what = self.export_summary(keeps, masked)
-        metrics.update(extra)
+        kept = sum(int(k.sum()) for k in decision.keeps.values())
+        total = sum(k.numel() for k in decision.keeps.values())
+        if total:
+            metrics["prune/channel_sparsity"] = 1 - kept / total
+            metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in decision.keeps.items()})
+        metrics.update(decision.metrics)
         log_metrics(trainer, metrics)
+        what = decision.summary or (f"pruned ({kept}/{total} channels kept)" if total
+                                    else f"pruned ({len(decision.masks)} masked tensors)")
         rank_zero_info(
             f"{what}: {flops['pruned']['macs']:,} / {flops['dense']['macs']:,} MACs (ratio {flops['ratio']:.3f}), "
             f"{flops['pruned']['params']:,} / {flops['dense']['params']:,} params"
         )
-
-    def export_summary(self, keeps: Mapping[str, torch.Tensor], masked: int) -> tuple[dict[str, float], str]:
-        """Method-specific metrics and a one-line description of what the export removed.
-
-        Args:
-            keeps: the keep vectors of the physically removed channels (empty for a masked export).
-            masked: how many tensors the artifact masks.
-        """
-        kept = sum(int(k.sum()) for k in keeps.values())
-        total = sum(k.numel() for k in keeps.values())
-        if not total:
-            return {}, f"pruned ({masked} masked tensors)"
-        metrics = {"prune/channel_sparsity": 1 - kept / total}
-        metrics.update({f"prune/kept/{name}": int(k.sum()) for name, k in keeps.items()})
-        return metrics, f"pruned ({kept}/{total} channels kept)"
 
 
 def _optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:

@@ -40,25 +40,12 @@ Prune a trained checkpoint instead::
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import torch
-from torch import nn
 from typing_extensions import override
 
 from lit_prune.callbacks.reconstruction import ReconstructionPruning
-from lit_prune.core.groups import ChannelGroup
-from lit_prune.core.reconstruct import (
-    ConsumerView,
-    Reconstruction,
-    ReduceFn,
-    add_channel_samplers,
-    channel_pruning_group,
-)
-
-#: largest patch-statistics side (C k) accepted: the Gram matrix is (C k)^2 float64 (16384 -> 2 GiB)
-MAX_STATISTICS_DIM = 16384
+from lit_prune.methods.channel_pruning import RegressionReconstruction
 
 
 class ChannelPruning(ReconstructionPruning):
@@ -77,8 +64,6 @@ class ChannelPruning(ReconstructionPruning):
             ``batch_size``, ``ridge``, ``finetune_steps``, ``finetune_lr``, ``finetune_weight_decay``,
             ``artifact_path``).
     """
-
-    method = "channel_pruning"
 
     def __init__(
         self,
@@ -99,44 +84,13 @@ class ChannelPruning(ReconstructionPruning):
         shortcut_compensation: bool = True,
         artifact_path: str | None = "pruned.pt",
     ) -> None:
+        self._regression = {"rank_tol": rank_tol, "channel_sampler": channel_sampler,
+                            "shortcut_compensation": shortcut_compensation}
         super().__init__(target=target, prune_ratio=prune_ratio, layers=layers, skip=skip, num_images=num_images,
                          positions_per_image=positions_per_image, seed=seed, batch_size=batch_size, ridge=ridge,
                          finetune_steps=finetune_steps, finetune_lr=finetune_lr,
                          finetune_weight_decay=finetune_weight_decay, artifact_path=artifact_path)
-        if isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float)) or rank_tol < 0:
-            raise ValueError(f"rank_tol must be a number >= 0 (He et al. use 0.1), got {rank_tol!r}")
-        self.rank_tol, self.channel_sampler = float(rank_tol), bool(channel_sampler)
-        self.shortcut_compensation = bool(shortcut_compensation)
 
     @override
-    def prepare(self, model: nn.Module) -> nn.Module:
-        if self.channel_sampler:  # reads every channel until the LASSO prunes it; the shortcut keeps the full input
-            add_channel_samplers(model)
-        return model
-
-    @override
-    def reference(self, model: nn.Module) -> nn.Module:
-        # paper-spec 5.2 step 1: targets from the original network, so errors do not accumulate
-        ref = self.prepare(copy.deepcopy(model)).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
-
-    @override
-    def reconstruct_group(
-        self, model: nn.Module, reference: nn.Module | None, group: ChannelGroup, num_keep: int,
-        batches: Any, generator: torch.Generator, reduce_fn: ReduceFn | None,
-    ) -> Reconstruction:
-        view = ConsumerView.of(model, group)
-        dim = view.module.weight[0].numel()  # C k: one row of the patch statistics per channel and tap
-        if dim > MAX_STATISTICS_DIM:
-            raise ValueError(
-                f"{group.name!r}: its consumer reads {view.channels} channels of "
-                f"{dim // view.channels} taps; the ({dim} x {dim}) patch statistics would not fit. "
-                f"Leave the layer whole (skip: [{group.name}]) or use ThiNetPruning, whose statistics are C x C"
-            )
-        return channel_pruning_group(
-            model, group, batches, num_keep, original=reference, positions_per_image=self.positions_per_image,
-            generator=generator, reduce_fn=reduce_fn, rank_tol=self.rank_tol, ridge=self.ridge,
-            compensate_shortcut=self.shortcut_compensation,
-        )
+    def build(self, args: dict[str, Any]) -> RegressionReconstruction:
+        return RegressionReconstruction(**args, **self._regression)

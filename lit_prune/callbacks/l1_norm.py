@@ -23,18 +23,11 @@ Generic form (the same ResNet-56-B, spelled out)::
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytorch_lightning as pl
-import torch
-from torch import nn
 from typing_extensions import override
 
 from lit_prune.callbacks.base import PruningCallback, unwrap
-from lit_prune.core.groups import channel_groups
-from lit_prune.core.importance import criterion_names, group_scores
-from lit_prune.core.masks import group_masks, merge
-from lit_prune.core.selection import top_k
+from lit_prune.methods.filter_norm import FilterNormPruning
 from lit_prune.methods.plan import WidthPlan
 
 
@@ -59,8 +52,6 @@ class L1FilterPruning(PruningCallback):
     Exactly one of ``target``, ``prune_ratio`` and ``keep`` is given.
     """
 
-    method = "l1_norm"
-
     def __init__(
         self,
         target: str | None = None,
@@ -74,33 +65,10 @@ class L1FilterPruning(PruningCallback):
         artifact_path: str | None = "pruned.pt",
     ) -> None:
         super().__init__(artifact_path, keep_init=keep_init)
-        if mode not in ("physical", "mask"):
-            raise ValueError(f"mode must be 'physical' (remove filters) or 'mask' (zero them), got {mode!r}")
-        if criterion not in criterion_names():
-            raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(criterion_names())}")
-        self.plan = WidthPlan(target=target, prune_ratio=prune_ratio, keep=keep, skip=list(skip or []), floor=floor,
-                              unit="filters")
-        self.criterion, self.mode = criterion, mode
+        widths = WidthPlan(target=target, prune_ratio=prune_ratio, keep=keep, skip=list(skip or []), floor=floor,
+                           unit="filters")
+        self.pruner = FilterNormPruning(widths, criterion=criterion, mode=mode)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prune(unwrap(pl_module), trainer=trainer)
-
-    @override
-    def prune(
-        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
-    ) -> dict[str, Any] | None:
-        if self.mode == "physical":
-            return super().prune(model, trainer=trainer, path=path, source=source, init_state=init_state)
-        keeps = self.broadcast(trainer, self.select(model))
-        groups = {g.name: g for g in channel_groups(model)}
-        self.masks = merge(*[group_masks(model, groups[n], k, consumers=True) for n, k in keeps.items()])
-        return self.export(model, {}, trainer=trainer, masks=self.masks, path=path, source=source,
-                           init_state=init_state)
-
-    @override
-    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
-        groups = [g for g in channel_groups(model) if g.conv is not None]
-        counts = self.plan.counts(model, groups)
-        return {g.name: top_k(group_scores(model, g, self.criterion), counts[g.name]) for g in groups}

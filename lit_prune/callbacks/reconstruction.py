@@ -21,55 +21,16 @@ each rank reads its own share of every batch and the gradients are averaged acro
 keeps the same weights.
 """
 
+
 from __future__ import annotations
 
-import copy
-import time
-from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info
-from torch import nn
-from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from lit_prune.callbacks.base import PruningCallback, log_metrics, unwrap
-from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
-from lit_prune.core.protocols import is_zoo_model
-from lit_prune.core.reconstruct import Reconstruction, ReduceFn, apply_reconstruction, consumer_of
-from lit_prune.core.selection import check_patterns, matches_any
-from lit_prune.core.surgery import compact_blocks, prune_group
-from lit_prune.methods.plan import WidthPlan
-
-
-def _positive_int(value: Any, name: str, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{hint}, got {value!r}")
-    return value
-
-
-class _Progress:
-    """Iterates a loader, logging on rank 0 how many of this rank's images have been read (at most every
-    ``every`` seconds), so that a layer whose statistics take minutes shows that it is moving."""
-
-    def __init__(self, loader: DataLoader, label: str, every: float) -> None:
-        self.loader, self.label, self.every = loader, label, every
-        self.total = len(loader.dataset)
-
-    def __iter__(self) -> Any:
-        seen, start = 0, time.monotonic()
-        last = start
-        for batch in self.loader:
-            yield batch
-            seen += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
-            now = time.monotonic()
-            if now - last >= self.every and seen < self.total:
-                rank_zero_info(f"{self.label}: {seen}/{self.total} images ({100 * seen / self.total:.0f}%), "
-                               f"{now - start:.0f} s")
-                last = now
+from lit_prune.callbacks.base import PruningCallback, unwrap
+from lit_prune.methods.reconstruction import LayerwiseReconstruction
 
 
 class ReconstructionPruning(PruningCallback):
@@ -100,12 +61,8 @@ class ReconstructionPruning(PruningCallback):
     Exactly one of ``target`` and ``prune_ratio`` is given.
     """
 
-    #: the prune CLI passes ``dataloader=`` to :meth:`prune` only for methods that declare this
-    needs_data = True
     #: nothing is masked during training: the method prunes once, at the end
     enforce_masks = False
-    #: seconds between progress lines while one layer's statistics are being collected
-    progress_seconds = 10.0
 
     def __init__(
         self,
@@ -124,260 +81,27 @@ class ReconstructionPruning(PruningCallback):
         artifact_path: str | None = "pruned.pt",
     ) -> None:
         super().__init__(artifact_path)
-        self.widths = WidthPlan(target=target, prune_ratio=prune_ratio, skip=list(skip or []))
-        _positive_int(num_images, "num_images", " (training images sampled)")
-        _positive_int(positions_per_image, "positions_per_image", " (the papers use 10)")
-        if batch_size is not None:
-            _positive_int(batch_size, "batch_size")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
-            raise ValueError(f"ridge must be a number >= 0 (relative to the Gram diagonal), got {ridge!r}")
-        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
-            raise ValueError(f"finetune_steps must be an int >= 0 (0: no fine-tuning between layers), "
-                             f"got {finetune_steps!r}")
-        for name, value, low in (("finetune_lr", finetune_lr, 0.0), ("finetune_weight_decay", finetune_weight_decay,
-                                                                     None)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value == low:
-                raise ValueError(f"{name} must be a number {'> 0' if low is not None else '>= 0'}, got {value!r}")
-        self.finetune_steps, self.finetune_lr = finetune_steps, float(finetune_lr)
-        self.finetune_weight_decay = float(finetune_weight_decay)
-        if isinstance(layers, str):
-            raise ValueError(f"layers is a list of layer patterns, e.g. [{layers!r}]")
-        self.layers = None if layers is None else list(layers)
-        self.num_images, self.positions_per_image, self.seed = num_images, positions_per_image, seed
-        self.batch_size, self.ridge = batch_size, float(ridge)
-        self._results: list[dict[str, Any]] = []
-        self._keeps: dict[str, torch.Tensor] = {}
+        self.pruner = self.build({
+            "target": target, "prune_ratio": prune_ratio, "layers": layers, "skip": skip, "num_images": num_images,
+            "positions_per_image": positions_per_image, "seed": seed, "batch_size": batch_size, "ridge": ridge,
+            "finetune_steps": finetune_steps, "finetune_lr": finetune_lr,
+            "finetune_weight_decay": finetune_weight_decay,
+        })
 
-    # ---- hooks ---------------------------------------------------------------------------------------
+    def build(self, args: dict[str, Any]) -> LayerwiseReconstruction:
+        """The method, from the common arguments (each subclass builds its own)."""
+        raise NotImplementedError
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prune(unwrap(pl_module), trainer=trainer, dataloader=trainer.train_dataloader)
 
-    # ---- one-shot pruning ----------------------------------------------------------------------------
-    @override
-    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
-        """The channels the layer-by-layer walk keeps, on a copy of ``model`` (:meth:`prune` also keeps the
-        refitted weights)."""
-        self._walk(copy.deepcopy(model), None, dataloader)
-        return dict(self._keeps)
-
-    @override
-    def prune(
-        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
-    ) -> dict[str, Any] | None:
-        """Prune layer by layer on a copy of ``model`` and export it (see the module docstring).
-
-        Args:
-            model: the trained network (a zoo model is left untouched; any other is pruned in place).
-            trainer: the Trainer (DDP: statistics all-reduced, rank 0's decisions broadcast, rank 0 writes).
-            path: artifact path (default ``artifact_path``).
-            source: where the model came from, for provenance.
-            init_state: theta_0 to carry into the artifact.
-            dataloader: a loader (or dataset) of training images; its dataset is what is sampled.
-
-        Returns:
-            The artifact (None for a model outside the zoo).
-
-        Raises:
-            ValueError: no data, or a layer/width request that does not fit the model.
-        """
-        self.state.record_dense(model, self.dense_of(model))
-        zoo = is_zoo_model(model)
-        was_training = model.training
-        work = self._walk(copy.deepcopy(model) if zoo else model, trainer, dataloader)  # a user model: in place
-        if not zoo:
-            model.train(was_training)
-        return self.export(work, {}, trainer=trainer, path=path, source=source, init_state=init_state)
-
-    def _walk(self, work: nn.Module, trainer: pl.Trainer | None, dataloader: Any) -> nn.Module:
-        """Prune and refit ``work`` itself, group by group, shallow to deep; returns it."""
-        if dataloader is None:
-            raise ValueError(f"{type(self).__name__} needs training images: pass dataloader= (the prune CLI: "
-                             "--data-config naming the datamodule)")
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        reduce_fn: ReduceFn | None = None
-        if trainer is not None and world > 1:
-            reduce_fn = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        reference = self.reference(work)
-        work = self.prepare(work).eval()
-        plan = self.plan(work)
-        loader = self._sample_loader(dataloader, rank, world)
-        self._results, self._keeps = [], {}
-        for i, (name, num_keep) in enumerate(plan):
-            groups = {g.name: g for g in channel_groups(work)}
-            if name not in groups:  # inside a residual branch that vanished earlier in the walk
-                continue
-            group = groups[name]
-            size = group_size(work, group)
-            if num_keep == 0:  # the whole branch goes (plan() refused this for a plain chain)
-                prune_group(work, group, torch.zeros(size, dtype=torch.bool))
-                self._keeps[name] = torch.zeros(size, dtype=torch.bool)
-                rank_zero_info(f"{self.method}: {name} kept 0/{size} channels: its residual branch is removed")
-                continue
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + i * 7919 + rank * 104_729) % 2**63)
-            batches = _Progress(loader, f"{self.method}: {name} (layer {i + 1}/{len(plan)})", self.progress_seconds)
-            rec = self.reconstruct_group(work, reference, group, num_keep, batches, generator, reduce_fn)
-            rec = self.broadcast(trainer, rec.cpu())  # identical on every rank already; rank 0's for safety
-            apply_reconstruction(work, group, rec)
-            self._keeps[name] = rec.keep
-            losses = self._finetune(work, dataloader, i, rank, world, reduce_fn) if self.finetune_steps else None
-            self._record(name, size, rec, losses)
-        if any(not k.any() for k in self._keeps.values()):
-            compact_blocks(work)  # models whose block names must stay contiguous renumber them (as prune_groups does)
-        self._log_layers(trainer)
-        return work
-
-    # ---- extension points ----------------------------------------------------------------------------
-    def reconstruct_group(
-        self, model: nn.Module, reference: nn.Module | None, group: ChannelGroup, num_keep: int,
-        batches: Any, generator: torch.Generator, reduce_fn: ReduceFn | None,
-    ) -> Reconstruction:
-        """One group's decision on the current network ``model`` (implemented by each method)."""
-        raise NotImplementedError
-
-    def reference(self, model: nn.Module) -> nn.Module | None:
-        """A frozen copy of the unpruned network that gives the reconstruction targets (None: the current one)."""
-        return None
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Last changes to the work copy before the walk (channel pruning adds its channel samplers)."""
-        return model
-
-    # ---- planning ------------------------------------------------------------------------------------
-    def plan(self, model: nn.Module) -> list[tuple[str, int]]:
-        """The groups to prune, shallow to deep, with their keep counts (groups left whole are omitted).
-
-        Raises:
-            ValueError: a pattern matches no eligible layer, a target is wider than the layer, or a plain
-                chain would lose every channel.
-        """
-        eligible = []
-        for g in channel_groups(model):
-            try:
-                consumer_of(model, g)
-            except ValueError:
-                continue  # several consumers (a dense stream) or one that cannot be refitted
-            eligible.append(g)
-        if self.layers is not None:
-            check_patterns(self.layers, [g.name for g in eligible], "layers")
-        counts = self.widths.counts(model, eligible)
-        return [(g.name, counts[g.name]) for g in eligible
-                if counts[g.name] < group_size(model, g) and (self.layers is None or matches_any(g.name, self.layers))]
-
-    # ---- fine-tuning between layers ------------------------------------------------------------------
-    def _finetune(
-        self, model: nn.Module, dataloader: Any, layer: int, rank: int, world: int, reduce_fn: ReduceFn | None
-    ) -> tuple[float, float]:
-        """``finetune_steps`` SGD steps on the pruned copy; returns rank 0's mean loss of the first and last steps.
-
-        BN keeps its running statistics (eval mode); gradients are averaged across ranks through ``reduce_fn``.
-        """
-        batch_size = self._batch_size(dataloader)
-        total = self._dataset_length(dataloader)
-        # a fresh seeded permutation per layer (repeated when the steps need more images than the dataset has)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7 + layer)
-        needed = self.finetune_steps * batch_size * world
-        order = torch.cat([torch.randperm(total, generator=g) for _ in range(-(-needed // total))])[:needed]
-        loader = self._subset_loader(dataloader, order[rank::world].tolist(), batch_size)
-        params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters stay frozen
-        if not params:
-            raise ValueError("finetune_steps > 0 but no parameter of the model requires grad")
-        opt = torch.optim.SGD(params, lr=self.finetune_lr, momentum=0.9, weight_decay=self.finetune_weight_decay)
-        device = next(iter(params)).device
-        losses = []
-        model.eval()  # frozen BN statistics: identical on every rank, and no drift from a few small batches
-        with torch.enable_grad():
-            for batch in loader:
-                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-                    raise ValueError("finetune_steps needs (images, labels) batches from the training data")
-                loss = F.cross_entropy(model(batch[0].to(device)), batch[1].to(device))
-                opt.zero_grad(set_to_none=False)
-                loss.backward()
-                if reduce_fn is not None:  # what DDP would do: average the gradients of all ranks
-                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                    flat = reduce_fn(torch.cat([gr.flatten() for gr in grads])) / world
-                    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-                        p.grad = chunk.view_as(p).clone()
-                opt.step()
-                losses.append(float(loss.detach()))
-        model.zero_grad(set_to_none=True)
-        k = max(1, len(losses) // 4)
-        return sum(losses[:k]) / k, sum(losses[-k:]) / k
-
-    # ---- data ----------------------------------------------------------------------------------------
-    def _sample_loader(self, dataloader: Any, rank: int, world: int) -> DataLoader:
-        """This rank's share of the first ``num_images`` images of a seeded permutation of the dataset."""
-        total = self._dataset_length(dataloader)
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[: self.num_images]
-        return self._subset_loader(dataloader, order[rank::world].tolist(), self._batch_size(dataloader))
-
-    @staticmethod
-    def _unwrap_loader(dataloader: Any) -> Any:
-        if isinstance(dataloader, dict):
-            return next(iter(dataloader.values()))
-        if isinstance(dataloader, (list, tuple)):
-            return dataloader[0]
-        return dataloader
-
-    def _dataset_length(self, dataloader: Any) -> int:
-        dataset = getattr(self._unwrap_loader(dataloader), "dataset", self._unwrap_loader(dataloader))
-        try:
-            return len(dataset)
-        except TypeError:
-            raise ValueError(f"{type(self).__name__} samples images by index: the training dataset "
-                             f"({type(dataset).__name__}) must be a map-style dataset with a length") from None
-
-    def _batch_size(self, dataloader: Any) -> int:
-        return self.batch_size or getattr(self._unwrap_loader(dataloader), "batch_size", None) or 64
-
-    def _subset_loader(self, dataloader: Any, indices: list[int], batch_size: int) -> DataLoader:
-        """A loader over ``indices`` of the training dataset, in order, with the original collate and workers."""
-        dataloader = self._unwrap_loader(dataloader)
-        dataset = getattr(dataloader, "dataset", dataloader)
-        workers = getattr(dataloader, "num_workers", 0) if isinstance(dataloader, DataLoader) else 0
-        kwargs: dict[str, Any] = {"persistent_workers": True} if workers > 0 else {}  # one pass per layer
-        if isinstance(dataloader, DataLoader):
-            kwargs["collate_fn"] = dataloader.collate_fn
-        return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-                          **kwargs)
-
-    # ---- reporting -----------------------------------------------------------------------------------
     @property
     def results(self) -> list[dict[str, Any]]:
         """One entry per pruned layer of the last :meth:`prune`: kept/total, errors, samples."""
-        return [dict(r) for r in self._results]
-
-    def _record(self, name: str, size: int, rec: Reconstruction, losses: tuple[float, float] | None) -> None:
-        entry: dict[str, Any] = {"layer": name, "kept": int(rec.keep.sum()), "total": size,
-                                 "error_removed": rec.error_removed, "error_reconstructed": rec.error_reconstructed,
-                                 "samples": rec.samples}
-        entry.update({k: float(v) for k, v in rec.lasso.items()})
-        extra = f", lasso alpha {rec.lasso['alpha']:.3g} ({int(rec.lasso['nonzero'])} non-zero)" if rec.lasso else ""
-        if losses is not None:
-            entry["finetune_loss_first"], entry["finetune_loss_last"] = losses
-            extra += f"; fine-tuned {self.finetune_steps} steps, loss {losses[0]:.4g} -> {losses[1]:.4g}"
-        self._results.append(entry)
-        rank_zero_info(
-            f"{self.method}: {name} kept {entry['kept']}/{size} channels; relative reconstruction error "
-            f"{rec.error_removed:.4g} removed -> {rec.error_reconstructed:.4g} refitted ({rec.samples} samples{extra})"
-        )
-
-    def _log_layers(self, trainer: pl.Trainer | None) -> None:
-        metrics = {}
-        for r in self._results:
-            metrics[f"prune/error_removed/{r['layer']}"] = r["error_removed"]
-            metrics[f"prune/error_reconstructed/{r['layer']}"] = r["error_reconstructed"]
-        log_metrics(trainer, metrics)
+        return self.pruner.results
 
     @override
     def settings(self) -> dict[str, Any]:
         # the constructor arguments (seed, num_images, positions_per_image, ...) and what the sampling gave
         return {**super().settings(), "layer_results": self.results}
-
-    @override
-    def export_summary(self, keeps: Mapping[str, torch.Tensor], masked: int) -> tuple[dict[str, float], str]:
-        # The work copy is already narrow when it is exported (keeps={}); summarise the decisions instead.
-        return super().export_summary(keeps or self._keeps, masked)

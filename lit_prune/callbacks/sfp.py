@@ -65,12 +65,11 @@ from typing_extensions import override
 
 from lit_prune.artifact import make_artifact
 from lit_prune.callbacks.base import PruningCallback, log_metrics, unwrap
-from lit_prune.core.groups import ChannelGroup, channel_groups
-from lit_prune.core.importance import criterion_names, group_scores
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.protocols import is_zoo_model
-from lit_prune.core.selection import check_patterns, check_ratio, matches_any, top_k
 from lit_prune.core.surgery import prune_groups
+from lit_prune.methods.base import Decision, check_finite
+from lit_prune.methods.sfp import SoftFilterSelection
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,6 @@ class SoftFilterPruning(PruningCallback):
             ``layers``; at fit start, a pattern that matches no conv.
     """
 
-    method = "sfp"
     # Soft: masks record the last selection but are not imposed between re-prunings.
     enforce_masks = False
 
@@ -111,18 +109,11 @@ class SoftFilterPruning(PruningCallback):
         masked_artifact_path: str | None = "sfp-masked.pt",
     ) -> None:
         super().__init__(artifact_path)
-        check_ratio(prune_ratio)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive number of epochs between re-prunings (1 = every "
                              f"epoch, as the paper's --epoch_prune 1), got {interval!r}")
-        _check_filter_criterion(criterion)
-        if isinstance(layers, str) or isinstance(skip, str):
-            raise ValueError("layers and skip are lists of patterns, e.g. layers: ['*'] or skip: ['conv1']")
-        if not layers:
-            raise ValueError("layers is empty: give patterns of the convs to prune, e.g. ['*'] for all of them")
-        self.prune_ratio = float(prune_ratio)
-        self.layers, self.skip = list(layers), list(skip)
-        self.interval, self.criterion = interval, criterion
+        self.pruner = SoftFilterSelection(prune_ratio, layers, skip, criterion)
+        self.interval = interval
         self.masked_artifact_path = masked_artifact_path
         self.masked_written: str | None = None
         self._restored = False
@@ -155,7 +146,7 @@ class SoftFilterPruning(PruningCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self.target_convs(unwrap(pl_module))  # a pattern typo fails before the first step
+        self.pruner.target_convs(unwrap(pl_module))  # a pattern typo fails before the first step
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -186,35 +177,9 @@ class SoftFilterPruning(PruningCallback):
             self.reprune(trainer, model)
         self.write_artifacts(model, trainer=trainer)
 
-    # ---- selection ---------------------------------------------------------------------------------
-    def target_convs(self, model: nn.Module) -> list[str]:
-        """Module names of the convs this callback prunes, in ``named_modules`` order.
-
-        Raises:
-            ValueError: a ``layers``/``skip`` pattern matches no conv, or nothing is left to prune.
-        """
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        check_patterns(self.layers, names, "layers")
-        check_patterns(self.skip, names, "skip")
-        chosen = [n for n in names if matches_any(n, self.layers) and not matches_any(n, self.skip)]
-        if not chosen:
-            raise ValueError(f"layers {self.layers} minus skip {self.skip} leaves no conv to prune")
-        return chosen
-
     def compute_masks(self, model: nn.Module) -> Masks:
-        """This rank's selection: ``{"<conv>.weight": bool (C_out, 1, 1, 1)}``, False = zeroed filter.
-
-        Each conv on its own (no global ranking): its ``int(C_out * prune_ratio)`` lowest-scoring filters
-        are zeroed; among equal scores the lower index goes first, as a stable ``argsort()[:n]``.
-        """
-        masks: Masks = {}
-        for path in self.target_convs(model):
-            weight = model.get_submodule(path).weight  # (C_out, C_in / groups, kh, kw)
-            scores = group_scores(model, ChannelGroup(name=path, conv=path), self.criterion)  # (C_out,)
-            n_zero = int(scores.numel() * self.prune_ratio)
-            keep = top_k(scores, scores.numel() - n_zero)
-            masks[f"{path}.weight"] = keep.reshape(-1, *([1] * (weight.dim() - 1)))
-        return masks
+        """This rank's selection (:meth:`SoftFilterSelection.compute_masks`); rank 0's is what every rank keeps."""
+        return self.pruner.compute_masks(model)
 
     def reprune(self, trainer: pl.Trainer | None, model: nn.Module, epoch: int | None = None) -> None:
         """Select filters afresh (rank 0's choice on every rank) and zero them; weights only.
@@ -249,6 +214,7 @@ class SoftFilterPruning(PruningCallback):
         if not is_zoo_model(model):
             raise ValueError(f"{type(model).__name__} is not a zoo model, so SFP cannot write it as an artifact; "
                              "build it with lit_prune.models.create_model")
+        check_finite(model)
         self.reprune(trainer, model)
         return self.write_artifacts(model, trainer=trainer, path=path, source=source, init_state=init_state)
 
@@ -276,20 +242,6 @@ class SoftFilterPruning(PruningCallback):
         small = self._export_small(model, trainer, path, source, init)
         return small if small is not None else masked
 
-    def removable_keeps(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Keep vectors ``{group name: bool (C,)}`` for the masked convs that surgery can shrink.
-
-        A channel group qualifies when its producing conv is masked and its channels are that conv's
-        filters (in the CIFAR ResNets: each block's first conv). Raises TypeError for a model without
-        declared channel groups.
-        """
-        keeps = {}
-        for g in channel_groups(model):
-            mask = self.masks.get(f"{g.conv}.weight") if g.conv is not None else None
-            if mask is not None and g.selection is None and g.conv in g.producers:
-                keeps[g.name] = mask.flatten().bool()
-        return keeps
-
     def _export_small(
         self, model: nn.Module, trainer: pl.Trainer | None, path: str | None, source: str | None,
         init_state: dict[str, torch.Tensor] | None,
@@ -297,7 +249,7 @@ class SoftFilterPruning(PruningCallback):
         if path is None and self.artifact_path is None:
             return None
         try:
-            keeps = self.removable_keeps(model)
+            keeps = self.pruner.removable_keeps(model, self.masks)
         except TypeError as err:  # a model without declared channel groups
             rank_zero_info(f"SFP: no physically smaller model ({err})")
             return None
@@ -310,7 +262,7 @@ class SoftFilterPruning(PruningCallback):
         prune_groups(shrunk, keeps)
         params = dict(shrunk.named_parameters())
         residual = {k: m for k, m in self.masks.items() if k in params and params[k].shape[0] == m.shape[0]}
-        return self.export(model, keeps, trainer=trainer, masks=residual, path=path, source=source,
+        return self.export(model, Decision(keeps=keeps, masks=residual), trainer=trainer, path=path, source=source,
                            init_state=init_state)
 
     def _masked_target(self, trainer: pl.Trainer | None, path: str | None) -> Path | None:
@@ -337,13 +289,3 @@ class SoftFilterPruning(PruningCallback):
         metrics.update({f"prune/zeroed/{name}": n for name, n in zeroed.items()})
         log.debug("SFP re-prune: %d/%d filters zeroed", sum(zeroed.values()), total)
         log_metrics(trainer, metrics)
-
-
-def _check_filter_criterion(criterion: str) -> None:
-    """Refuse names that are not registered, or that score something else than conv filters (BN gamma)."""
-    if criterion not in criterion_names():
-        raise ValueError(f"unknown criterion {criterion!r}; SFP uses 'l2' (or 'l1')")
-    try:  # score a one-filter conv: criteria that read a BatchNorm cannot
-        group_scores(nn.Sequential(nn.Conv2d(1, 1, 1)), ChannelGroup(name="0", conv="0"), criterion)
-    except ValueError:
-        raise ValueError(f"criterion {criterion!r} does not score conv filters; SFP uses 'l2' (or 'l1')") from None

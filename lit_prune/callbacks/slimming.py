@@ -32,18 +32,14 @@ metrics (``prune/flops_ratio``, ``prune/kept/<layer>``, ...) at the end.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import nn
 from typing_extensions import override
 
 from lit_prune.callbacks.base import PruningCallback, unwrap
-from lit_prune.core.groups import ChannelGroup, channel_groups
-from lit_prune.core.importance import group_scores
-from lit_prune.core.selection import apply_floor, check_not_emptied, check_ratio, global_threshold
+from lit_prune.core.groups import channel_groups
+from lit_prune.methods.slimming import BNScaleSlimming
 
 
 class NetworkSlimming(PruningCallback):
@@ -65,7 +61,6 @@ class NetworkSlimming(PruningCallback):
         ValueError: an argument outside its range (the message names it).
     """
 
-    method = "network_slimming"
     # Slimming trains the dense model and prunes once at the end: nothing is masked during fit.
     # Its checkpoint state is therefore the base class's (masks, dense FLOPs counts); there is no
     # schedule to resume, the gammas themselves (in the model's state) carry the training progress.
@@ -81,26 +76,21 @@ class NetworkSlimming(PruningCallback):
         histogram_every_n_epochs: int = 1,
     ) -> None:
         super().__init__(artifact_path)
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not sparsity >= 0:
-            raise ValueError(f"sparsity (the L1 weight s on BN gamma) must be a number >= 0, got {sparsity!r}; "
-                             "the paper uses 1e-4 (CIFAR VGG) or 1e-5 (PreResNet, DenseNet, ImageNet)")
-        check_ratio(prune_ratio, "prune_ratio")
-        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
-            raise ValueError(f"floor (minimum channels kept per layer) must be an int >= 0, got {floor!r}")
         if isinstance(histogram_every_n_epochs, bool) or not isinstance(histogram_every_n_epochs, int) or (
             histogram_every_n_epochs < 0
         ):
             raise ValueError(f"histogram_every_n_epochs must be an int >= 0 (0 = never), got "
                              f"{histogram_every_n_epochs!r}")
-        self.sparsity, self.prune_ratio, self.include_bn1d = float(sparsity), float(prune_ratio), include_bn1d
-        self.floor, self.prune_at_end, self.histogram_every_n_epochs = floor, prune_at_end, histogram_every_n_epochs
-        self._bn_names: list[str] | None = None  # module paths of the regularised BNs, relative to pl_module
+        self.pruner = BNScaleSlimming(sparsity, prune_ratio, include_bn1d, floor)
+        self.prune_at_end, self.histogram_every_n_epochs = prune_at_end, histogram_every_n_epochs
+        self._bn_names: list[str] | None = None  # module paths of the regularised BNs in the network
 
     # ---- hooks ---------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Recorded before the strategy may turn BNs into SyncBatchNorm, which forgets BN2d vs BN1d.
-        self._bn_names = self._find_bns(pl_module)
+        # Recorded before the strategy may turn BNs into SyncBatchNorm, which forgets BN2d vs BN1d; named in
+        # the network, as the pruned groups are (prune/kept/features.0, bn_gamma/features.1).
+        self._bn_names = self.pruner.find_bns(unwrap(pl_module))
         if self.prune_at_end and stage == "fit":
             # fail now rather than after the whole sparsity training (user models are traced for their groups)
             try:
@@ -116,11 +106,12 @@ class NetworkSlimming(PruningCallback):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         # Called once per optimizer step (not per accumulated batch), after AMP has unscaled the gradients
         # and after DDP has averaged them, so the term is added exactly once and identically on every rank.
-        self.add_sparsity_grad(pl_module)
+        self.pruner.add_sparsity_grad(unwrap(pl_module), self._bns(pl_module))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        gammas = self._gammas(pl_module)
+        model = unwrap(pl_module)
+        gammas = {n: model.get_submodule(n).weight for n in self._bns(pl_module)}
         if not gammas:
             return
         l1 = sum(g.detach().abs().sum() for g in gammas.values())
@@ -134,29 +125,9 @@ class NetworkSlimming(PruningCallback):
         if self.prune_at_end:
             self.prune(unwrap(pl_module), trainer=trainer)
 
-    # ---- sparsity ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def add_sparsity_grad(self, module: nn.Module) -> None:
-        """``gamma.grad += s * sign(gamma)`` for every regularised BN of ``module`` (grads that exist)."""
-        if self.sparsity == 0:
-            return
-        for g in self._gammas(module).values():
-            if g.grad is not None:
-                g.grad.add_(torch.sign(g.detach()), alpha=self.sparsity)
-
-    def _regularised(self, bn: nn.Module) -> bool:
-        # A SyncBatchNorm no longer says whether it was 1d or 2d; one present before fit is taken as 2d.
-        if isinstance(bn, nn.BatchNorm1d):
-            return self.include_bn1d
-        return isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
-
-    def _find_bns(self, module: nn.Module) -> list[str]:
-        return [n for n, m in module.named_modules() if self._regularised(m) and getattr(m, "weight", None) is not None]
-
-    def _gammas(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        """{BN module path: its weight (gamma)} of the regularised BNs."""
-        names = self._bn_names if self._bn_names is not None else self._find_bns(module)
-        return {n: module.get_submodule(n).weight for n in names}
+    def _bns(self, pl_module: pl.LightningModule) -> list[str]:
+        """The regularised BNs, as found before the strategy could turn them into SyncBatchNorm."""
+        return self._bn_names if self._bn_names is not None else self.pruner.find_bns(unwrap(pl_module))
 
     def _log_histograms(self, trainer: pl.Trainer, gammas: dict[str, torch.Tensor]) -> None:
         if not trainer.is_global_zero:
@@ -171,40 +142,3 @@ class NetworkSlimming(PruningCallback):
             exp.add_histogram("bn_gamma/all", everything, global_step=trainer.global_step)
             for name, v in values.items():
                 exp.add_histogram(f"bn_gamma/{name or 'bn'}", v, global_step=trainer.global_step)
-
-    # ---- pruning -------------------------------------------------------------------------------------
-    @override
-    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
-        """Keep vectors of every BN-scored group under one global |gamma| threshold.
-
-        Raises:
-            ValueError: the model has no BN-scored groups, or a layer that is not a residual branch would
-                lose every channel (set ``floor: 1`` or lower ``prune_ratio``).
-        """
-        groups = [g for g in channel_groups(model) if g.bn is not None and self._regularised(model.get_submodule(g.bn))]
-        if not groups:
-            raise ValueError(f"{type(model).__name__} has no channel group with a BatchNorm"
-                             f"{'' if self.include_bn1d else '2d'} to score; Network Slimming needs BN layers")
-        scores = [group_scores(model, g, "bn_gamma") for g in groups]
-        keeps = global_threshold(scores, self.prune_ratio, rule="reference")  # the reference's sorted[k]
-        keeps = [apply_floor(s, k, self.floor) for s, k in zip(scores, keeps, strict=True)]
-        result = {g.name: k for g, k in zip(groups, keeps, strict=True)}
-        self._check_vanishing(groups, result)
-        return result
-
-    def _check_vanishing(self, groups: list[ChannelGroup], keeps: dict[str, torch.Tensor]) -> None:
-        # Residual branches pruned to nothing disappear whole; a group living inside one (a block's
-        # selection, read only by that block's conv1) goes with it. Anything else may not reach zero.
-        gone = {p for g in groups if g.branch and not bool(keeps[g.name].any()) for p in g.branch}
-        for g in groups:
-            if bool(keeps[g.name].any()) or g.branch:
-                continue
-            touched = set(g.producers) | set(g.consumers)
-            if touched and touched <= gone:
-                continue
-            check_not_emptied(
-                g.name, 0, g.branch,
-                f"Network Slimming's global threshold (prune_ratio {self.prune_ratio}) removes all of it (scored by "
-                f"BN {g.bn!r}). Set floor: 1 to keep each layer's strongest channel, or lower prune_ratio (the paper "
-                "has no floor; paper-spec 12.14)",
-            )

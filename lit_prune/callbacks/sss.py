@@ -44,10 +44,6 @@ the end the export metrics (``prune/flops_ratio``, ``prune/blocks_removed``, ...
 
 from __future__ import annotations
 
-import copy
-import math
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
@@ -55,14 +51,11 @@ from torch import nn
 from typing_extensions import override
 
 from lit_prune.callbacks.base import PruningCallback, unwrap
-from lit_prune.core.gates import BlockGate, apg_step_, block_gates, fold_gates_
-from lit_prune.core.groups import channel_groups, group_size
-from lit_prune.core.protocols import is_zoo_model
-from lit_prune.core.surgery import prune_groups
+from lit_prune.core.gates import block_gates
+from lit_prune.methods.base import Context, Decision
 from lit_prune.methods.params import update_outside_optimizer
+from lit_prune.methods.sss import BlockSelection
 from lit_prune.methods.state import Counts
-
-_GATED_FAMILIES = "sss_resnet50, cifar_resnet*, sfp_resnet*, resnet34, resnet50, bearpaw_resnet50"
 
 
 class SparseStructureSelection(PruningCallback):
@@ -81,7 +74,6 @@ class SparseStructureSelection(PruningCallback):
         ValueError: an argument outside its range (the message names it).
     """
 
-    method = "sss"
 
     def __init__(
         self,
@@ -91,17 +83,10 @@ class SparseStructureSelection(PruningCallback):
         artifact_path: str | None = "pruned.pt",
     ) -> None:
         super().__init__(artifact_path)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"gamma (the L1 weight on the block factors) must be a finite number >= 0, got {gamma!r}; "
-                             "SSS's default is 0.01")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum (the APG momentum mu) must be a number in [0, 1), got {momentum!r}; "
-                             "SSS uses 0.9")
         if not isinstance(prune_at_end, bool):
             raise ValueError(f"prune_at_end must be true or false, got {prune_at_end!r}")
-        self.gamma, self.momentum, self.prune_at_end = float(gamma), float(momentum), prune_at_end
-        self._removed: list[str] = []  # blocks removed by the last prune(), for its log line
-        self._total = 0  # gated blocks seen by the last prune()
+        self.pruner = BlockSelection(gamma, momentum)
+        self.prune_at_end = prune_at_end
 
     # ---- state: the APG velocities live in the pruning state, saved in checkpoints --------------------
     @property
@@ -115,13 +100,13 @@ class SparseStructureSelection(PruningCallback):
         if stage != "fit":
             return
         # Runs before configure_optimizers and the DDP wrapper: the factors must already be in the model.
-        for gate in self.gates(unwrap(pl_module)).values():
+        for gate in self.pruner.gates(unwrap(pl_module)).values():
             update_outside_optimizer(gate.weight)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        ours = {id(g.weight) for g in self.gates(unwrap(pl_module)).values()}
+        ours = {id(g.weight) for g in self.pruner.gates(unwrap(pl_module)).values()}
         for opt in trainer.optimizers:
             if any(id(p) in ours for group in opt.param_groups for p in group["params"]):
                 raise ValueError(
@@ -134,7 +119,7 @@ class SparseStructureSelection(PruningCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.apg_step(unwrap(pl_module), optimizer.param_groups[0]["lr"], _loss_scale(trainer))
+        self.pruner.apg_step(unwrap(pl_module), optimizer.param_groups[0]["lr"], self._velocity, _loss_scale(trainer))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,107 +137,20 @@ class SparseStructureSelection(PruningCallback):
         if self.prune_at_end:
             self.prune(unwrap(pl_module), trainer=trainer)
 
-    # ---- the factors ---------------------------------------------------------------------------------
-    @staticmethod
-    def gates(model: nn.Module) -> dict[str, BlockGate]:
-        """``{gate path: gate}`` of ``model``.
-
-        Raises:
-            ValueError: the model has no block factors (it was built without ``gates: true``).
-        """
-        gates = block_gates(model)
-        if not gates:
-            raise ValueError(
-                f"SparseStructureSelection needs a model built with block factors, but this "
-                f"{type(model).__name__} has none: set model.model_kwargs: {{gates: true}} (zoo families with "
-                f"gates: {_GATED_FAMILIES})"
-            )
-        return gates
-
-    @torch.no_grad()
-    def apg_step(self, model: nn.Module, lr: float, loss_scale: float = 1.0) -> None:
-        """One APG step on every block factor of ``model`` from its gradient, which is then cleared.
-
-        Args:
-            model: the network whose factors have gradients of the data loss.
-            lr: the learning rate eta of this step.
-            loss_scale: the factor the gradients still carry (fp16 mixed precision), divided out here.
-        """
-        gates = self.gates(model)
-        grads = {path: g.weight.grad for path, g in gates.items()}
-        if any(grad is None for grad in grads.values()):  # no backward this step (e.g. a skipped batch)
-            return
-        finite = bool(torch.isfinite(torch.stack(list(grads.values()))).all())  # one device sync per step
-        for path, gate in gates.items():
-            lam = gate.weight
-            if finite:
-                v = self._velocity.get(path)
-                if v is None or v.device != lam.device:
-                    v = torch.zeros_like(lam) if v is None else v.to(lam.device)
-                    self._velocity[path] = v
-                apg_step_(lam, grads[path] / loss_scale, v, lr, self.gamma, self.momentum)
-            # The main optimizer's zero_grad does not reach these parameters: clear them, or they accumulate.
-            lam.grad = None
-
     @override
     def dense_of(self, model: nn.Module) -> Counts:
         counts = Counts.of(model)  # MACs are those of the ungated net; the factors are not parameters of it
         gates = sum(g.weight.numel() for g in block_gates(model).values())
         return Counts(macs=counts.macs, params=counts.params - gates)
 
-    # ---- pruning -------------------------------------------------------------------------------------
     @override
-    def select(self, model: nn.Module, dataloader: Any = None) -> dict[str, torch.Tensor]:
-        """All-False keep vectors for every channel group of a block whose factor is exactly 0.
-
-        Removing those groups with :func:`~lit_prune.core.surgery.prune_groups` removes the blocks' residual
-        branches, factors included (each family lists the gate in its groups' ``branch``).
-
-        Raises:
-            ValueError: the model has no block factors.
-            TypeError: a zero factor that no channel group's branch holds (a family that breaks the contract).
-        """
-        zero = {path for path, g in self.gates(model).items() if g.value == 0.0}
-        groups = [g for g in channel_groups(model) if zero.intersection(g.branch)]
-        missing = zero.difference(p for g in groups for p in g.branch)
-        if missing:
-            raise TypeError(f"{type(model).__name__} declares no channel group whose branch holds the gate(s) "
-                            f"{sorted(missing)}, so their blocks cannot be removed")
-        return {g.name: torch.zeros(group_size(model, g), dtype=torch.bool) for g in groups}
-
-    @override
-    def prune(
-        self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
-        source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
-    ) -> dict[str, Any] | None:
-        """Remove the blocks whose factor is 0, fold the other factors, export the ungated network.
-
-        The live ``model`` is left as it is (a copy is pruned) when it is a zoo model; see
-        :meth:`PruningCallback.export` for the other case.
-
-        Returns:
-            The artifact (None for a model outside the zoo).
-        """
-        gates = self.gates(model)
-        self.state.record_dense(model, self.dense_of(model))
-        keeps = self.broadcast(trainer, self.select(model))
-        self._removed = sorted({p.rpartition(".")[0] for p in gates if gates[p].value == 0.0})
-        self._total = len(gates)
-        if self._removed and len(self._removed) == self._total:
-            rank_zero_warn(f"SSS removes every one of the {self._total} residual blocks: the exported network is "
-                           "its shortcuts only. gamma (the sparsity penalty) is probably too large for this run")
-        target = copy.deepcopy(model) if is_zoo_model(model) else model
-        prune_groups(target, keeps)  # zero-factor blocks become their shortcut (their gate goes with them)
-        fold_gates_(target)  # the others absorb lambda_b into their branch: the network is ungated
-        # the surgery is done: the base class only writes the (already pruned) network
-        return self.export(target, {}, trainer=trainer, path=path, source=source, init_state=init_state)
-
-    @override
-    def export_summary(self, keeps: dict[str, torch.Tensor], masked: int) -> tuple[dict[str, float], str]:
-        total, removed = self._total, self._removed
-        which = f" ({', '.join(removed)})" if removed else ""
-        return ({"prune/blocks_removed": len(removed), "prune/blocks_kept": total - len(removed)},
-                f"SSS removed {len(removed)} of {total} residual blocks{which}")
+    def decide(self, model: nn.Module, ctx: Context) -> Decision:
+        decision = super().decide(model, ctx)
+        if decision.metrics["prune/blocks_kept"] == 0:
+            rank_zero_warn(f"SSS removes every one of the {decision.metrics['prune/blocks_removed']} residual blocks: "
+                           "the exported network is its shortcuts only. gamma (the sparsity penalty) is probably too "
+                           "large for this run")
+        return decision
 
 
 def _loss_scale(trainer: pl.Trainer | None) -> float:

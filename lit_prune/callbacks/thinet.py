@@ -40,30 +40,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
 from typing_extensions import override
 
 from lit_prune.callbacks.reconstruction import ReconstructionPruning
-from lit_prune.core.groups import ChannelGroup
-from lit_prune.core.reconstruct import Reconstruction, ReduceFn, thinet_group
+from lit_prune.methods.thinet import ThiNetReconstruction
 
 
 class ThiNetPruning(ReconstructionPruning):
     """ThiNet: greedy channel removal by the next layer's reconstruction error, then least-squares rescaling.
 
-    Arguments are those of :class:`~callbacks.reconstruction.ReconstructionPruning` (``target`` or
+    Arguments are those of :class:`~lit_prune.callbacks.reconstruction.ReconstructionPruning` (``target`` or
     ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ``positions_per_image``, ``seed``, ``batch_size``,
     ``ridge``, ``finetune_steps``, ``finetune_lr``, ``finetune_weight_decay``, ``artifact_path``). Each layer's
     statistics come from the current, already pruned (and, with ``finetune_steps``, fine-tuned) network.
     """
 
-    method = "thinet"
-
     @override
-    def reconstruct_group(
-        self, model: nn.Module, reference: nn.Module | None, group: ChannelGroup, num_keep: int,
-        batches: Any, generator: torch.Generator, reduce_fn: ReduceFn | None,
-    ) -> Reconstruction:
-        return thinet_group(model, group, batches, num_keep, positions_per_image=self.positions_per_image,
-                            generator=generator, reduce_fn=reduce_fn, ridge=self.ridge)
+    def build(self, args: dict[str, Any]) -> ThiNetReconstruction:
+        return ThiNetReconstruction(**args)

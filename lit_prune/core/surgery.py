@@ -16,6 +16,7 @@ from torch import nn
 
 from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
 from lit_prune.core.protocols import CompactsBlocks
+from lit_prune.core.selection import check_not_emptied
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -81,11 +82,8 @@ def prune_group(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> No
     if idx.numel() == size:
         return
     if idx.numel() == 0:
-        if not group.branch:
-            raise ValueError(
-                f"pruning would remove every channel of {group.name!r}, which is not a residual branch; "
-                "lower the prune ratio or keep at least one channel per layer (floor >= 1)"
-            )
+        check_not_emptied(group.name, 0, group.branch, "lower the prune ratio or keep at least one channel per layer "
+                          "(floor: 1)")
         for path in group.branch:
             _remove(model, path)
         return

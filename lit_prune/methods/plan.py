@@ -88,6 +88,9 @@ class WidthPlan:
             check_patterns(list(self.prune_ratio), names, "prune_ratio")
         if self.keep is not None:
             check_patterns(list(self.keep), names, "keep")
+        for what, mapping in (("prune_ratio", self.prune_ratio), ("keep", self.keep)):
+            if isinstance(mapping, Mapping):
+                _check_overlaps(names, mapping, what)
         sizes = target_group_sizes(model, self.target) if self.target is not None else None
         counts = {}
         for g in groups:
@@ -108,3 +111,12 @@ class WidthPlan:
         if self.keep is not None:
             return next((k for pattern, k in self.keep.items() if matches_any(name, [pattern])), size)
         return int(size * (1 - ratio_for(name, self.prune_ratio, default=0.0)))
+
+
+def _check_overlaps(names: Sequence[str], mapping: Mapping[str, Any], what: str) -> None:
+    """Refuse a layer that two patterns give different values: the first match would win silently."""
+    for name in names:
+        hits = {p: v for p, v in mapping.items() if matches_any(name, [p])}
+        if len(set(hits.values())) > 1:
+            raise ValueError(f"{name!r} matches several {what} patterns with different values ({hits}); make the "
+                             "patterns disjoint or give them the same value")

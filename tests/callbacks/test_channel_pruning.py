@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import lit_prune.callbacks.channel_pruning as cp_module
+import lit_prune.methods.channel_pruning as cp_module
 from callbacks import ChannelPruning
 from lit_prune.artifact import load_artifact, load_model
 from lit_prune.core.groups import channel_groups, group_size
@@ -43,11 +43,14 @@ class _Spy(ChannelPruning):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.calls: list[tuple[str, list[int], list[int]]] = []
+        refit = self.pruner.reconstruct_group
 
-    def reconstruct_group(self, model, reference, group, num_keep, batches, generator, reduce_fn):
-        widths = lambda m: [group_size(m, g) for g in channel_groups(m)]  # noqa: E731
-        self.calls.append((group.name, widths(model), widths(reference)))
-        return super().reconstruct_group(model, reference, group, num_keep, batches, generator, reduce_fn)
+        def spy(model, reference, group, *rest):
+            widths = lambda m: [group_size(m, g) for g in channel_groups(m)]  # noqa: E731
+            self.calls.append((group.name, widths(model), widths(reference)))
+            return refit(model, reference, group, *rest)
+
+        self.pruner.reconstruct_group = spy
 
 
 def test_inputs_from_the_pruned_network_targets_from_the_original() -> None:
@@ -125,14 +128,15 @@ class ProbeCP(ChannelPruning):
         super().__init__(**kwargs)
         self.out_dir = out_dir
         self._seen = {}
+        sample, refit = self.pruner._sample_loader, self.pruner.reconstruct_group
+        self.pruner._sample_loader = lambda *a: self._sampled(sample(*a))
+        self.pruner.reconstruct_group = lambda *a: self._refitted(a[2], refit(*a))
 
-    def _sample_loader(self, dataloader, rank, world):
-        loader = super()._sample_loader(dataloader, rank, world)
+    def _sampled(self, loader):
         self._seen["images"] = list(loader.dataset.indices)
         return loader
 
-    def reconstruct_group(self, model, reference, group, num_keep, batches, generator, reduce_fn):
-        rec = super().reconstruct_group(model, reference, group, num_keep, batches, generator, reduce_fn)
+    def _refitted(self, group, rec):
         self._seen[group.name] = {"keep": rec.keep.cpu(), "weight": rec.weight.cpu(), "samples": rec.samples,
                                   "alpha": rec.lasso["alpha"]}
         return rec

@@ -19,6 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_prune.artifact import load_artifact, load_model
@@ -32,10 +33,33 @@ from lit_prune.callbacks import (
     SparseStructureSelection,
     ThiNetPruning,
 )
+from lit_prune.core.groups import channel_groups, group_size
+from lit_prune.methods.base import Context, Decision, PruningMethod
 from lit_prune.module import ImageClassifier
 from tests.helpers import RandomImageDataModule
 
 CFG20 = [4, 4, 4, 8, 8, 8, 16, 16, 16]
+
+
+class _KeepEven(PruningMethod):
+    """A new method as a user would add one: plain PyTorch, keeps the even-indexed channels of every group."""
+
+    name = "keep_even"
+
+    def decide(self, model: nn.Module, ctx: Context) -> Decision:
+        groups = [g for g in channel_groups(model) if g.conv is not None]
+        return Decision(keeps={g.name: torch.arange(group_size(model, g)) % 2 == 0 for g in groups})
+
+
+class KeepEvenPruning(PruningCallback):
+    """Its callback: the arguments, and when to prune. Resume, DDP and the artifact come with the base class."""
+
+    def __init__(self, artifact_path: str | None = "pruned.pt") -> None:
+        super().__init__(artifact_path)
+        self.pruner = _KeepEven()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prune(pl_module.model, trainer=trainer)
 
 #: name -> (callback factory, model kwargs)
 METHODS: dict[str, tuple[Callable[[], PruningCallback], dict]] = {
@@ -47,6 +71,7 @@ METHODS: dict[str, tuple[Callable[[], PruningCallback], dict]] = {
     "sss": (lambda: SparseStructureSelection(gamma=0.05), {"gates": True}),
     "thinet": (lambda: ThiNetPruning(prune_ratio=0.5, num_images=32, positions_per_image=4), {}),
     "channel_pruning": (lambda: ChannelPruning(prune_ratio=0.5, num_images=32, positions_per_image=4), {}),
+    "new_method": (lambda: KeepEvenPruning(), {}),
 }
 
 

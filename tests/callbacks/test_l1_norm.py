@@ -247,18 +247,18 @@ class ProbeL1(L1FilterPruning):
         self.set_masks(trainer, pl_module.model, proposal, trainer.optimizers[0])
         self._save({"proposed": proposal, "adopted": self.masks}, "masks")
 
-    def select(self, model, dataloader=None):
-        keeps = super().select(model, dataloader)
+    def decide(self, model, ctx):
+        decision = super().decide(model, ctx)
         if self._rank != 0:  # a rank-dependent decision: broadcast must override it
-            keeps = {k: v.roll(1) for k, v in keeps.items()}
-        self._save(keeps, "proposed")
-        return keeps
+            decision.keeps = {k: v.roll(1) for k, v in decision.keeps.items()}
+        self._save(decision.keeps, "proposed")
+        return decision
 
-    def export(self, model, keeps, **kwargs):
+    def export(self, model, decision, **kwargs):
         params = dict(model.named_parameters())
         leaked = sum(int((params[n].detach() * ~m).count_nonzero()) for n, m in self.masks.items())
-        self._save({"keeps": dict(keeps), "leaked": leaked}, "final")
-        return super().export(model, keeps, **kwargs)
+        self._save({"keeps": dict(decision.keeps), "leaked": leaked}, "final")
+        return super().export(model, decision, **kwargs)
 '''
 
 

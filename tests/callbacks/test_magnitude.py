@@ -98,7 +98,7 @@ def test_global_threshold_removes_exactly_int_n_amount_of_the_smallest(amount: f
     model = _model()
     convs = _convs(model)
     _distinct([m.weight for m in convs.values()])
-    masks = MagnitudePruning(amount=amount).compute_masks(model, amount)
+    masks = MagnitudePruning(amount=amount).pruner.compute_masks(model, amount)
     assert set(masks) == {f"{n}.weight" for n in convs}  # every conv (stem, blocks), not the classifier
     n = sum(m.weight.numel() for m in convs.values())
     k = int(n * amount)
@@ -127,7 +127,7 @@ def test_ties_at_the_threshold_are_all_pruned() -> None:
             w[tie] = torch.sign(w[tie]) * k
     tied = sum(int((w.abs() == k).sum()) for w in weights)
     assert tied == 8
-    masks = MagnitudePruning(amount=0.5).compute_masks(model, 0.5)
+    masks = MagnitudePruning(amount=0.5).pruner.compute_masks(model, 0.5)
     assert _pruned(masks) == k + 4  # the k - 4 below the tie and all 8 tied ones
     params = dict(model.named_parameters())
     assert all(not params[p].detach()[m].abs().eq(k).any() for p, m in masks.items())
@@ -139,11 +139,11 @@ def test_layer_scope_prunes_each_layer_by_its_own_fraction() -> None:
     _distinct([m.weight for m in convs.values()])
     with torch.no_grad():
         convs["layer3.2.conv2"].weight.mul_(1e4)  # far larger than every other weight
-    layer = MagnitudePruning(amount=0.6, scope="layer").compute_masks(model, 0.6)
+    layer = MagnitudePruning(amount=0.6, scope="layer").pruner.compute_masks(model, 0.6)
     for name, conv in convs.items():
         assert int((~layer[f"{name}.weight"]).sum()) == int(conv.weight.numel() * 0.6), name
     # a global threshold leaves the large layer whole: that is the difference
-    glob = MagnitudePruning(amount=0.6).compute_masks(model, 0.6)
+    glob = MagnitudePruning(amount=0.6).pruner.compute_masks(model, 0.6)
     assert glob["layer3.2.conv2.weight"].all()
 
 
@@ -151,16 +151,16 @@ def test_include_linear_adds_the_classifier_to_the_threshold() -> None:
     model = _model()
     weights = [m.weight for m in _convs(model).values()] + [model.fc.weight]
     _distinct(weights)
-    convs_only = MagnitudePruning(amount=0.5).compute_masks(model, 0.5)
+    convs_only = MagnitudePruning(amount=0.5).pruner.compute_masks(model, 0.5)
     assert "fc.weight" not in convs_only
-    masks = MagnitudePruning(amount=0.5, include_linear=True).compute_masks(model, 0.5)
+    masks = MagnitudePruning(amount=0.5, include_linear=True).pruner.compute_masks(model, 0.5)
     assert "fc.weight" in masks and not masks["fc.weight"].all()
     assert _pruned(masks) == int(sum(w.numel() for w in weights) * 0.5)
     # a model without any conv cannot be pruned by the paper's rule
     mlp = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="no conv layer to prune"):
-        MagnitudePruning().compute_masks(mlp, 0.5)
-    assert "0.weight" in MagnitudePruning(include_linear=True).compute_masks(mlp, 0.5)
+        MagnitudePruning().pruner.compute_masks(mlp, 0.5)
+    assert "0.weight" in MagnitudePruning(include_linear=True).pruner.compute_masks(mlp, 0.5)
 
 
 def test_relative_rounds_prune_half_of_the_remaining_weights() -> None:
@@ -169,17 +169,17 @@ def test_relative_rounds_prune_half_of_the_remaining_weights() -> None:
     _distinct([m.weight for m in _convs(model).values()])
     n = sum(m.weight.numel() for m in _convs(model).values())
     cb = MagnitudePruning(amount=0.5, relative=True)
-    first = cb.compute_masks(model, 0.5)
+    first = cb.pruner.compute_masks(model, 0.5)
     assert _pruned(first) == n // 2
     apply_masks(model, first)  # the retrained ticket: zeros where the first round pruned
     with torch.no_grad():  # retraining changes the kept weights: make some of them the smallest survivors
         for m in _convs(model).values():
             m.weight.mul_(torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
-    second = cb.compute_masks(model, 0.5)
+    second = cb.pruner.compute_masks(model, 0.5)
     assert _pruned(second) == n // 2 + (n - n // 2) // 2 == 3 * n // 4
     assert all(not (second[k] & ~first[k]).any() for k in first)  # nothing pruned comes back
     # an absolute target of 0.5 on the same weights would prune nothing more: why rounds are relative
-    assert _pruned(MagnitudePruning(amount=0.5).compute_masks(model, 0.5)) == n // 2
+    assert _pruned(MagnitudePruning(amount=0.5).pruner.compute_masks(model, 0.5)) == n // 2
 
 
 def test_global_masks_equal_torch_global_unstructured() -> None:
@@ -194,7 +194,7 @@ def test_global_masks_equal_torch_global_unstructured() -> None:
     n = sum(m.weight.numel() for m in _convs(model).values())
     for amount in (0.3, 0.8):
         k = int(n * amount)
-        ours = MagnitudePruning(amount=amount).compute_masks(model, amount)
+        ours = MagnitudePruning(amount=amount).pruner.compute_masks(model, amount)
         theirs_model = copy.deepcopy(peer)
         params = [(m, "weight") for m in _convs(theirs_model).values()]
         torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=k)
@@ -208,12 +208,12 @@ def test_global_masks_equal_torch_global_unstructured() -> None:
 
 def test_cubic_schedule_targets_are_cumulative() -> None:
     cb = MagnitudePruning(amount=0.8, start_epoch=2, end_epoch=6, frequency=2)
-    targets = {e: cb.target_sparsity(e) for e in range(9)}
+    targets = {e: cb.pruner.target_sparsity(e) for e in range(9)}
     # Zhu & Gupta: s(t) = 0.8 * (1 - (1 - t)^3), t = (epoch - 2) / 4, every second epoch, always at the end
     assert targets == {0: None, 1: None, 2: 0.0, 3: None, 4: pytest.approx(0.8 * (1 - 0.5**3)), 5: None,
                        6: pytest.approx(0.8), 7: None, 8: None}
-    assert MagnitudePruning(amount=0.5, start_epoch=1, end_epoch=1).target_sparsity(1) == 0.5
-    assert MagnitudePruning(amount=0.5).target_sparsity(0) is None  # one-shot: no epoch prunes
+    assert MagnitudePruning(amount=0.5, start_epoch=1, end_epoch=1).pruner.target_sparsity(1) == 0.5
+    assert MagnitudePruning(amount=0.5).pruner.target_sparsity(0) is None  # one-shot: no epoch prunes
 
 
 class SparsityProbe(MagnitudePruning):
@@ -403,13 +403,16 @@ class ProbeMagnitude(MagnitudePruning):
     def on_fit_start(self, trainer, pl_module):
         self._rank = trainer.global_rank
         super().on_fit_start(trainer, pl_module)
+        decide = self.pruner.compute_masks
 
-    def compute_masks(self, model, target):
-        masks = super().compute_masks(model, target)
-        if self._rank != 0:  # a rank-dependent proposal: the broadcast must override it
-            masks = {k: v.flip(0) for k, v in masks.items()}
-        self.proposals.append(masks)
-        return masks
+        def propose(model, target):
+            masks = decide(model, target)
+            if self._rank != 0:  # a rank-dependent proposal: the broadcast must override it
+                masks = {k: v.flip(0) for k, v in masks.items()}
+            self.proposals.append(masks)
+            return masks
+
+        self.pruner.compute_masks = propose
 
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)

@@ -22,7 +22,7 @@ from lit_prune.core.groups import channel_groups
 from lit_prune.core.masks import apply_masks, group_masks, merge
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
-from lit_prune.prune import load_method
+from lit_prune.sources import load_method
 from tests.helpers import RandomImageDataModule, clean_env, randomize_bn, run_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def test_zeroes_the_lowest_l2_filters_of_every_conv_and_nothing_else() -> None:
     bn_before = _bn_state(model)
 
     cb = SoftFilterPruning(prune_ratio=0.3, artifact_path=None, masked_artifact_path=None)
-    masks = cb.compute_masks(model)
+    masks = cb.pruner.compute_masks(model)
     widths = _conv_widths(model)
     assert list(masks) == [f"{n}.weight" for n in widths]  # every conv: stem and both convs of each block
     for name, mask in masks.items():
@@ -406,12 +406,12 @@ def test_method_configs(depth: int) -> None:
     first = path.read_text().splitlines()[0]
     assert first == f"# base: configs/cifar/sfp_resnet{depth}.yaml" and (REPO / first[len("# base: "):]).is_file()
     cb = load_method(path)
-    assert isinstance(cb, SoftFilterPruning) and cb.prune_ratio == 0.3 and cb.interval == 1
-    assert cb.layers == ["*"] and cb.criterion == "l2"
+    assert isinstance(cb, SoftFilterPruning) and cb.pruner.prune_ratio == 0.3 and cb.interval == 1
+    assert cb.pruner.layers == ["*"] and cb.pruner.criterion == "l2"
     base = yaml.safe_load((REPO / first[len("# base: "):]).read_text())
     assert base["model"]["arch"] == f"sfp_resnet{depth}"
     # the paper's masked set (mask_index): every conv weight, 6n + 3 of them for depth 6n + 2
-    assert len(cb.compute_masks(create_model(f"sfp_resnet{depth}"))) == depth - 1
+    assert len(cb.pruner.compute_masks(create_model(f"sfp_resnet{depth}"))) == depth - 1
 
 
 # ---- DDP (2 CPU processes, gloo) -----------------------------------------------------------------

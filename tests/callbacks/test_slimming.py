@@ -21,7 +21,7 @@ from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.core.masks import apply_masks
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
-from lit_prune.prune import load_method
+from lit_prune.sources import load_method
 from tests.helpers import RandomImageDataModule, clean_env, masks_from_keeps, randomize_bn, run_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,7 +300,7 @@ def test_fit_logs_histograms_and_bn_l1_and_writes_artifact(tmp_path: Path) -> No
     events = EventAccumulator(str(trainer.log_dir), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"bn_gamma/all", "bn_gamma/model.features.1", "bn_gamma/model.features.26"} <= set(tags["histograms"])
+    assert {"bn_gamma/all", "bn_gamma/features.1", "bn_gamma/features.26"} <= set(tags["histograms"])
     assert len(events.Histograms("bn_gamma/all")) == 1  # every 2 epochs, over 2 epochs
     assert events.Histograms("bn_gamma/all")[0].histogram_value.num == sum(g.numel() for g in gammas)
     assert len(events.Scalars("prune/bn_l1")) == 2  # every epoch
@@ -360,7 +360,8 @@ def test_method_configs_match_the_paper(file: str, base: str, sparsity: float, r
     assert f"--config {base} --config configs/methods/{file}" in text
     cb = load_method(path)
     assert isinstance(cb, NetworkSlimming)
-    assert (cb.sparsity, cb.prune_ratio, cb.include_bn1d, cb.floor) == (sparsity, ratio, bn1d, 0)
+    m = cb.pruner
+    assert (m.sparsity, m.prune_ratio, m.include_bn1d, m.floor) == (sparsity, ratio, bn1d, 0)
 
 
 # ---- DDP (2 CPU processes, gloo), started as its own train.py process ------------------------------
@@ -373,12 +374,12 @@ class RankProbeSlimming(NetworkSlimming):
         self._rank = trainer.global_rank
         super().on_train_end(trainer, pl_module)
 
-    def select(self, model: nn.Module, dataloader=None) -> dict[str, torch.Tensor]:
-        keeps = super().select(model, dataloader)
+    def decide(self, model: nn.Module, ctx):
+        decision = super().decide(model, ctx)
         out = Path(os.environ[PROBE_ENV])
         gammas = {n: g.detach().cpu().clone() for n, g in _bn_weights(model).items()}
-        torch.save({"keeps": keeps, "gammas": gammas}, out / f"rank{self._rank}.pt")
-        return keeps
+        torch.save({"keeps": decision.keeps, "gammas": gammas}, out / f"rank{self._rank}.pt")
+        return decision
 
 
 @pytest.mark.slow  # ~25 s: two processes, each importing torch and Lightning

@@ -19,7 +19,7 @@ from lit_prune.artifact import load_artifact, load_model
 from lit_prune.core.gates import apg_step_, block_gates
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
-from lit_prune.prune import load_method
+from lit_prune.sources import load_method
 from tests.helpers import RandomImageDataModule, clean_env, randomize_bn, run_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ def test_export_removes_zero_blocks_folds_the_rest_and_equals_the_gated_model(fa
         for path, gate in block_gates(model).items():
             gate.weight.fill_(0.0 if path.removesuffix(".gate") in zero else 0.2 + float(torch.rand((), generator=g)))
     cb = SparseStructureSelection(artifact_path=str(tmp_path / "p.pt"))
-    keeps = cb.select(model)
+    keeps = cb.pruner.keeps(model)
     assert {k.rsplit(".", 1)[0] for k in keeps} == set(zero) and not any(k.any() for k in keeps.values())
 
     art = cb.prune(model)
@@ -175,7 +175,7 @@ def test_no_zero_factor_exports_the_folded_full_model(tmp_path: Path) -> None:
     with torch.no_grad():
         model.layer2[1].gate.weight.fill_(0.3)
     cb = SparseStructureSelection(artifact_path=None)
-    assert cb.select(model) == {}
+    assert cb.pruner.keeps(model) == {}
     art = cb.prune(model)
     assert art["architecture"]["kwargs"] == {"cfg": CFG20}
     assert art["flops"]["ratio"] == pytest.approx(1.0)
@@ -282,7 +282,7 @@ def test_method_configs(file: str, base: str, gamma: float, arch: str) -> None:
     assert yaml.safe_load((REPO / base).read_text())["model"]["arch"] == arch
     cb = load_method(path)
     assert isinstance(cb, SparseStructureSelection)
-    assert (cb.gamma, cb.momentum, cb.prune_at_end) == (gamma, 0.9, True)
+    assert (cb.pruner.gamma, cb.pruner.momentum, cb.prune_at_end) == (gamma, 0.9, True)
 
 
 # ---- DDP (2 CPU processes, gloo), started as its own train.py process ------------------------------

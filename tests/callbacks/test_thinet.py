@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import ThiNetPruning
 from lit_prune.artifact import build_model, load_artifact, load_model, make_artifact, save_artifact
+from lit_prune.cli.prune import main as prune_main
 from lit_prune.core.flops import count_flops
+from lit_prune.methods.thinet import ThiNetReconstruction
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
-from lit_prune.prune import main as prune_main
 from tests.helpers import clean_env, run_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,26 +66,26 @@ def test_constructor_validation() -> None:
 def test_thinet70_target_on_resnet50_prunes_conv1_and_conv2_of_every_bottleneck() -> None:
     torch.manual_seed(0)
     model = create_model("resnet50")
-    plan = dict(ThiNetPruning(target="thinet70").plan(model))
+    plan = dict(ThiNetPruning(target="thinet70").pruner.plan(model))
     # paper-spec 2.7: 44/89/179/358 channels per stage for conv1 and conv2 of all 16 blocks
     expected = {}
     for stage, (blocks, keep) in enumerate(zip((3, 4, 6, 3), (44, 89, 179, 358)), start=1):
         for b in range(blocks):
             expected[f"layer{stage}.{b}.conv1"] = expected[f"layer{stage}.{b}.conv2"] = keep
     assert plan == expected
-    assert list(dict(ThiNetPruning(prune_ratio=0.3).plan(model)).values()) == list(expected.values())
+    assert list(dict(ThiNetPruning(prune_ratio=0.3).pruner.plan(model)).values()) == list(expected.values())
 
 
 def test_plan_respects_layers_skip_and_patterns() -> None:
     model = _model()
     cb = ThiNetPruning(prune_ratio={"features.1*": 0.75, "*": 0.5}, layers=["features.*"], skip=["features.25"])
-    plan = dict(cb.plan(model))
+    plan = dict(cb.pruner.plan(model))
     assert plan == {"features.0": 4, "features.4": 4, "features.8": 4, "features.11": 2, "features.15": 2,
                     "features.18": 2, "features.22": 4}
     with pytest.raises(ValueError, match="skip pattern 'layer9' matches no prunable layer"):
-        ThiNetPruning(prune_ratio=0.5, skip=["layer9"]).plan(model)
+        ThiNetPruning(prune_ratio=0.5, skip=["layer9"]).pruner.plan(model)
     with pytest.raises(KeyError, match="no width config named 'Z'"):
-        ThiNetPruning(target="Z").plan(model)
+        ThiNetPruning(target="Z").pruner.plan(model)
 
 
 def test_needs_data() -> None:
@@ -106,7 +107,7 @@ def test_prune_without_trainer_records_the_sampling_and_leaves_the_model_alone()
     settings = art["provenance"]["settings"]
     assert (settings["seed"], settings["num_images"], settings["positions_per_image"]) == (3, 24, 5)
     layers = settings["layer_results"]
-    assert [r["layer"] for r in layers] == [n for n, _ in cb.plan(model)]
+    assert [r["layer"] for r in layers] == [n for n, _ in cb.pruner.plan(model)]
     assert layers[0]["samples"] == 24 * 5  # 24 images x 5 positions of the 16x16 map
     assert all(r["error_reconstructed"] <= r["error_removed"] + 1e-12 for r in layers)
     # same seed, same decision
@@ -150,7 +151,7 @@ def test_fine_tuning_between_layers_lowers_the_loss_and_feeds_the_next_layer(cls
 
 
 def test_progress_is_logged_while_a_layer_collects_its_statistics(caplog, monkeypatch) -> None:
-    monkeypatch.setattr(ThiNetPruning, "progress_seconds", 0.0)  # a line after every batch but the last
+    monkeypatch.setattr(ThiNetReconstruction, "progress_seconds", 0.0)  # a line after every batch but the last
     cb = ThiNetPruning(prune_ratio=0.5, layers=["features.0", "features.4"], num_images=32, artifact_path=None)
     with caplog.at_level(logging.INFO):
         cb.prune(_model(), dataloader=_loader())  # 2 batches of 16
@@ -249,14 +250,15 @@ class ProbeThiNet(ThiNetPruning):
         super().__init__(**kwargs)
         self.out_dir = out_dir
         self._seen = {}
+        sample, refit = self.pruner._sample_loader, self.pruner.reconstruct_group
+        self.pruner._sample_loader = lambda *a: self._sampled(sample(*a))
+        self.pruner.reconstruct_group = lambda *a: self._refitted(a[2], refit(*a))
 
-    def _sample_loader(self, dataloader, rank, world):
-        loader = super()._sample_loader(dataloader, rank, world)
+    def _sampled(self, loader):
         self._seen["images"] = list(loader.dataset.indices)
         return loader
 
-    def reconstruct_group(self, model, reference, group, num_keep, batches, generator, reduce_fn):
-        rec = super().reconstruct_group(model, reference, group, num_keep, batches, generator, reduce_fn)
+    def _refitted(self, group, rec):
         self._seen[group.name] = {"keep": rec.keep.cpu(), "weight": rec.weight.cpu(), "samples": rec.samples}
         return rec
 

@@ -1,10 +1,12 @@
 """Every path of an experiment directory, in one place.
 
     <out>/experiment.json                 the config it belongs to (name, hash, normalised config)
+    <out>/.lock                           held by the runner while it runs (flock; records host, pid, start)
     <out>/seed<N>/large/                  the large model's stage (checkpoints/last.ckpt, metrics.json, model.pt)
     <out>/seed<N>/<variant>/prune/        pruned.pt, the variant's artifact
     <out>/seed<N>/<variant>/pruned/       the pruned model tested before retraining
     <out>/seed<N>/<variant>/<regime>/     one retraining (metrics.json, model.pt, checkpoints/, stage.log)
+    <stage dir>/.lock                     held while the stage runs, by the runner and the stage's process
     <out>/tb/<large | variant/stage>/seed<N>/   TensorBoard runs
     <out>/results.md, results.json, results.png
 
@@ -22,6 +24,7 @@ MARKER = "experiment.json"
 METRICS = "metrics.json"  # written by lit_prune.stage when a stage is done
 ARTIFACT = "pruned.pt"  # a variant's pruned model, in its prune/ directory
 MODEL = "model.pt"  # a stage's trained model, as an artifact
+LOCK = ".lock"  # the experiment's and each stage's lock file (lit_prune.protocol.lock)
 LARGE = "large"
 PRUNE = "prune"
 
@@ -39,6 +42,10 @@ class RunLayout:
     @property
     def marker(self) -> Path:
         return self.root / MARKER
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
 
     @property
     def tb(self) -> Path:
@@ -100,6 +107,10 @@ class RunLayout:
     @staticmethod
     def stage_log(stage_dir: Path) -> Path:
         return stage_dir / "stage.log"
+
+    @staticmethod
+    def stage_lock(stage_dir: Path) -> Path:
+        return stage_dir / LOCK
 
 
 def read_metrics(stage_dir: Path) -> dict[str, Any] | None:

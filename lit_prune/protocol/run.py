@@ -4,16 +4,28 @@ An experiment directory belongs to one config: ``experiment.json`` keeps its has
 refused rather than mixed in. A directory written before the hash covered the files named in ``args``
 (``hash_version`` 1) is recognised by its old hash and re-tied to the new one when nothing the old hash
 left out is at stake; otherwise the message says what to do.
+
+One runner at a time: a run holds ``<out>/.lock`` for its lifetime, and each stage's ``.lock`` while the
+stage runs (:mod:`lit_prune.protocol.lock`); a second runner is refused, naming the first one's host and
+pid. A stage's process is in a process group of its own and dies with the runner: SIGTERM, SIGINT or
+SIGHUP to the runner stop the running stage's whole group (DDP ranks included) before the runner exits,
+and on Linux a kill -9 of the runner sends the stage SIGTERM (parent-death signal). Running the same
+command again resumes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +34,33 @@ import yaml
 
 from lit_prune.protocol.config import HASH_VERSION, ExperimentConfig, ExperimentError
 from lit_prune.protocol.layout import ARTIFACT, RunLayout, read_metrics
+from lit_prune.protocol.lock import (
+    FileLock,
+    LockHeld,
+    describe,
+    holder_info,
+    signal_group,
+    start_stage_process,
+    stop_group,
+)
 from lit_prune.protocol.plan import Planner, ScratchB, Stage
+
+#: how long a runner waits for a stage still held by the process of an earlier runner (one that was
+#: killed: its stage got SIGTERM from the kernel, and Lightning stops it after the current batch)
+STAGE_LOCK_WAIT = 120.0
+#: seconds between SIGTERM and SIGKILL when the runner stops a stage's process group
+STOP_GRACE = 10.0
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(ExperimentError):
+    """The runner got SIGTERM, SIGINT or SIGHUP; the running stage's processes were stopped."""
+
+    def __init__(self, signum: int, stage: str | None = None) -> None:
+        name = signal.Signals(signum).name
+        during = f" during stage '{stage}' (its processes were stopped)" if stage else ""
+        super().__init__(f"interrupted by {name}{during}; run the same command again to resume")
+        self.signum = signum
 
 
 def _save_json(obj: Any, path: Path) -> None:
@@ -40,6 +78,9 @@ class Protocol:
         self.out = self.layout.root
         self.planner = Planner(config, self.layout, python)
         self.hash = config.hash
+        self._stage_proc: subprocess.Popen | None = None  # the running stage's process (its group's leader)
+        self._stage_lock: FileLock | None = None
+        self._interrupted: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -100,11 +141,94 @@ class Protocol:
               f"now tied to hash {self.hash}", flush=True)
         self._write_marker()
 
+    # -- one runner at a time
+    @contextmanager
+    def locked(self) -> Iterator[FileLock]:
+        """Hold the experiment directory's lock (a second runner is refused, naming this one)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.layout.lock)
+        try:
+            lock.acquire(holder_info(command=sys.argv))
+        except LockHeld as held:
+            pid = held.holder.get("pid")
+            stop = f" (or stop it: kill {pid})" if pid else ""
+            raise ExperimentError(
+                f"{self.out} is in use by another runner: {describe(held.holder)}; wait for it to finish{stop}, "
+                f"then run the same command again (the lock {self.layout.lock} ends with that process, "
+                "however it ends)") from None
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+    @contextmanager
+    def _stage_locked(self, st: Stage) -> Iterator[FileLock]:
+        """Hold the stage's lock (waiting, for a bounded time, for a stage process of an earlier runner)."""
+        st.dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.layout.stage_lock(st.dir))
+
+        def waiting(holder: dict[str, Any]) -> None:
+            print(f"    {st.label}: still running in {describe(holder)}; waiting up to {STAGE_LOCK_WAIT:g} s "
+                  "for it to end ...", flush=True)
+
+        try:
+            lock.acquire(holder_info(runner_pid=os.getpid(), stage=st.label), wait=STAGE_LOCK_WAIT, on_wait=waiting)
+        except LockHeld as held:
+            pid = held.holder.get("pid")
+            stop = f" (or stop its process group: kill -TERM -- -{pid})" if pid else ""
+            raise ExperimentError(
+                f"stage '{st.label}' is still running: {describe(held.holder)} (lock {lock.path}); wait for it "
+                f"to end{stop}, then run the same command again") from None
+        self._stage_lock = lock
+        try:
+            yield lock
+        finally:
+            self._stage_lock = None
+            lock.release()
+
+    @contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        """SIGTERM, SIGINT and SIGHUP stop the running stage's processes, then the runner (with a message).
+        Signals ignored when the run starts (nohup) stay ignored; off the main thread nothing is installed."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+        for sig in _SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        first = self._interrupted is None
+        self._interrupted = self._interrupted or signum
+        proc = self._stage_proc
+        if proc is None:
+            raise Interrupted(signum)
+        # a stage is running: _execute stops its group (SIGTERM, SIGKILL after STOP_GRACE s) and raises;
+        # a second signal does not wait for that
+        if not first:
+            signal_group(proc.pid, signal.SIGKILL)
+
     # -- running
     def run(self, *, dry_run: bool = False, verbose: bool = False) -> dict[str, Any]:
+        """Run every stage not done yet (holding the directory's lock), or with ``dry_run`` print them."""
+        if dry_run:
+            return self._run(self.plan(), dry_run=True, verbose=verbose)
+        self._interrupted = None
         stages = self.plan()
-        if not dry_run:
-            self.prepare()
+        if self.layout.marker.is_file():
+            self.prepare()  # another config is refused before anything in the directory changes
+        with self.locked():
+            self.prepare()  # under the lock: the marker of a new directory is written by one runner only
+            with self._signals_handled():
+                return self._run(stages, dry_run=False, verbose=verbose)
+
+    def _run(self, stages: list[Stage], *, dry_run: bool, verbose: bool) -> dict[str, Any]:
         t_start = time.time()
         for i, st in enumerate(stages, 1):
             head = f"[{i}/{len(stages)}] {st.label}"
@@ -123,15 +247,25 @@ class Protocol:
                 print(f"{head}: done, skipped")
                 continue
             if st.kind == "prune" and not st.command:
-                self._adopt_training_artifact(st)
+                with self._stage_locked(st):
+                    self._adopt_training_artifact(st)
                 print(f"{head}: {st.note}")
                 continue
-            if st.kind != "prune":
-                self._write_stage_yaml(st)
-            epochs = f", {st.epochs} epochs" if st.epochs else ""
-            print(f"{head}{epochs}{' (' + st.note + ')' if st.note else ''} ...", flush=True)
-            t0 = time.time()
-            self._execute(st, verbose)
+            with self._stage_locked(st):
+                if st.done():  # finished by the stage process of an earlier runner, waited for above
+                    print(f"{head}: done, skipped")
+                    continue
+                if st.kind != "prune":
+                    self._write_stage_yaml(st)
+                epochs = f", {st.epochs} epochs" if st.epochs else ""
+                print(f"{head}{epochs}{' (' + st.note + ')' if st.note else ''} ...", flush=True)
+                t0 = time.time()
+                self._execute(st, verbose)
+                if not st.done():
+                    raise ExperimentError(
+                        f"stage '{st.label}' ended (exit 0) without finishing: its "
+                        f"{'artifact' if st.kind == 'prune' else 'metrics.json'} is missing in {st.dir}; was it "
+                        f"terminated? Run the same command again to resume; log: {self.layout.stage_log(st.dir)}")
             m = read_metrics(st.dir)
             acc = f", test acc1 {100 * m['acc1']:.2f}%" if m else ""
             print(f"    done in {time.time() - t0:.1f} s{acc}", flush=True)
@@ -168,11 +302,37 @@ class Protocol:
         shutil.copyfile(found[0], st.dir / ARTIFACT)
 
     def _execute(self, st: Stage, verbose: bool) -> None:
+        """Run the stage's command as its own process group, holding the stage's lock (inherited by the
+        process), until it ends; on a signal to the runner, stop the group and raise :class:`Interrupted`."""
         st.dir.mkdir(parents=True, exist_ok=True)
         log_path = self.layout.stage_log(st.dir)
+        lock = self._stage_lock
+        proc: subprocess.Popen | None = None
         with open(log_path, "ab") as log:
-            proc = subprocess.run(st.command, stdout=None if verbose else log, stderr=subprocess.STDOUT if not verbose
-                                  else None)
+            try:
+                proc = start_stage_process(st.command, stdout=None if verbose else log,
+                                           stderr=None if verbose else subprocess.STDOUT,
+                                           pass_fds=[lock.fd] if lock is not None and lock.fd is not None else [])
+                self._stage_proc = proc
+                if lock is not None:
+                    lock.update(holder_info(pid=proc.pid, runner_pid=os.getpid(), stage=st.label,
+                                            command=st.command))
+                while proc.poll() is None and self._interrupted is None:
+                    try:
+                        proc.wait(timeout=0.5)
+                    except subprocess.TimeoutExpired:
+                        pass
+            finally:
+                if proc is not None:
+                    # what is left of the group (the ranks of a DDP stage, a signal's target) ends here;
+                    # a second signal meanwhile only escalates to SIGKILL (see _on_signal)
+                    stopped = stop_group(proc, STOP_GRACE)
+                    self._stage_proc = None
+                    if not stopped:
+                        print(f"warning: processes of stage '{st.label}' (group {proc.pid}) survived SIGKILL",
+                              file=sys.stderr, flush=True)
+        if self._interrupted is not None:
+            raise Interrupted(self._interrupted, st.label)
         if proc.returncode != 0:
             tail = "" if verbose else "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
             raise ExperimentError(f"stage '{st.label}' failed (exit {proc.returncode}); log: {log_path}\n{tail}\n"

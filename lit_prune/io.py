@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write through ``write(file)`` to a temporary file beside ``path``, then rename it into place.
@@ -39,6 +37,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically (see :func:`atomic_write`)."""
+    import torch  # here, so that writing JSON does not import torch
+
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 

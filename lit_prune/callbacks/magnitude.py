@@ -27,7 +27,7 @@ YAML (Table 6, 80% of the conv weights)::
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -47,6 +47,9 @@ class MagnitudePruning(PruningCallback):
         start_epoch: first epoch (0-based) of gradual pruning; None prunes once at the end of training.
         end_epoch: epoch at whose end the target ``amount`` is reached (gradual pruning).
         frequency: prune every ``frequency`` epochs between ``start_epoch`` and ``end_epoch``.
+        threshold: ``"exact"`` removes exactly ``k = int(N * amount)`` weights (when no magnitudes tie);
+            ``"reference"`` is the paper's code, ``thr = sorted(|w|)[k]``, which removes k + 1 (the paper
+            configs set it).
         keep_init: save theta_0 before training and write it into the artifact (lottery tickets).
         artifact_path: where the masked artifact is written (relative to the trainer's log directory).
     """
@@ -60,11 +63,13 @@ class MagnitudePruning(PruningCallback):
         start_epoch: int | None = None,
         end_epoch: int | None = None,
         frequency: int = 1,
+        threshold: str = "exact",
         keep_init: bool = False,
         artifact_path: str | None = "pruned.pt",
     ) -> None:
         super().__init__(artifact_path, keep_init=keep_init)
-        self.pruner = MagnitudeMasks(amount, scope, include_linear, relative, start_epoch, end_epoch, frequency)
+        self.pruner = MagnitudeMasks(amount, scope, include_linear, relative, start_epoch, end_epoch, frequency,
+                                     threshold)
         self.amount = self.pruner.amount
 
     @property
@@ -82,9 +87,10 @@ class MagnitudePruning(PruningCallback):
         super().on_fit_start(trainer, pl_module)
         end = self.pruner.end_epoch
         if end is not None and trainer.max_epochs is not None and 0 < trainer.max_epochs <= end:
-            raise ValueError(f"end_epoch {end} is not an epoch of this run (max_epochs {trainer.max_epochs}, epochs "
-                             f"0..{trainer.max_epochs - 1}): the target sparsity {self.amount} would never be "
-                             "reached; lower end_epoch or train longer")
+            # a run trained in parts may mean it (it resumes for more epochs later); a whole run ends short
+            rank_zero_warn(f"end_epoch {end} is not an epoch of this run (max_epochs {trainer.max_epochs}, epochs "
+                           f"0..{trainer.max_epochs - 1}): this run ends before the target sparsity {self.amount}; "
+                           "lower end_epoch or train longer")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

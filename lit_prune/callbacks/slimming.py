@@ -56,6 +56,9 @@ class NetworkSlimming(PruningCallback):
         artifact_path: where the artifact is written (relative to the trainer's log directory); None
             writes none.
         histogram_every_n_epochs: log gamma histograms to TensorBoard every this many epochs; 0 never.
+        threshold: ``"exact"`` removes exactly ``int(total * prune_ratio)`` channels (when no scales tie);
+            ``"reference"`` is the paper's code, ``thr = sorted(|gamma|)[k]``, which removes one more. The paper
+            configs set ``reference``, so that the channels kept are the reference's.
 
     Raises:
         ValueError: an argument outside its range (the message names it).
@@ -74,6 +77,7 @@ class NetworkSlimming(PruningCallback):
         prune_at_end: bool = True,
         artifact_path: str | None = "pruned.pt",
         histogram_every_n_epochs: int = 1,
+        threshold: str = "exact",
     ) -> None:
         super().__init__(artifact_path)
         if isinstance(histogram_every_n_epochs, bool) or not isinstance(histogram_every_n_epochs, int) or (
@@ -81,7 +85,7 @@ class NetworkSlimming(PruningCallback):
         ):
             raise ValueError(f"histogram_every_n_epochs must be an int >= 0 (0 = never), got "
                              f"{histogram_every_n_epochs!r}")
-        self.pruner = BNScaleSlimming(sparsity, prune_ratio, include_bn1d, floor)
+        self.pruner = BNScaleSlimming(sparsity, prune_ratio, include_bn1d, floor, threshold)
         self.prune_at_end, self.histogram_every_n_epochs = prune_at_end, histogram_every_n_epochs
         self._bn_names: list[str] | None = None  # module paths of the regularised BNs in the network
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("multistep", "step", "constant")
 
@@ -49,7 +52,13 @@ def milestones_for(
         if milestones is None:
             # a milestone at epoch 0 would cut the LR before any training (runs of one epoch): none then
             return [m for m in (int(0.5 * max_epochs), int(0.75 * max_epochs)) if m >= 1]
-        return [int(m) for m in milestones]
+        steps = [int(m) for m in milestones]
+        if steps != sorted(steps) or any(m < 1 for m in steps):
+            raise ValueError(f"milestones must be increasing epochs >= 1, got {list(milestones)}")
+        late = [m for m in steps if m >= max_epochs]
+        if late and max_epochs > 1:  # a shortened debug run may mean it; a full run would silently lose a decay
+            log.warning("LR milestones %s are not before max_epochs %d: the LR never changes there", late, max_epochs)
+        return steps
     if schedule == "step":
         step = step_size or max(max_epochs // 3, 1)
         if step < 1:

@@ -25,8 +25,10 @@ def check_ratio(ratio: float, name: str = "prune_ratio") -> float:
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` highest scores.
 
-    Ties are broken as the reference code's ``np.argsort(scores)[::-1][:k]`` does with a stable sort:
-    among equal scores the channel with the higher index is kept first.
+    Ties are broken deterministically: among equal scores the channel with the higher index is kept first
+    (a stable ascending sort, reversed). The reference code calls numpy's default ``np.argsort``, which is not
+    stable, so on exactly tied scores (dead filters with all-zero weights) its choice depends on numpy's
+    sorting algorithm and version; we do not claim to match it there.
     """
     n = scores.numel()
     if not 0 <= k <= n:
@@ -71,10 +73,10 @@ def threshold_keep(scores: Sequence[torch.Tensor], k: int, rule: str = "exact") 
     return [s.detach().float().cpu() > thr for s in scores]
 
 
-def global_threshold(scores: Sequence[torch.Tensor], prune_ratio: float, rule: str = "reference") -> list[torch.Tensor]:
+def global_threshold(scores: Sequence[torch.Tensor], prune_ratio: float, rule: str = "exact") -> list[torch.Tensor]:
     """One threshold over all scores removing ``int(total * prune_ratio)`` of them (:func:`threshold_keep`).
 
-    The default rule is the reference's (Network Slimming), ``thr = sorted(all)[int(total * prune_ratio)]``.
+    ``rule="reference"`` is Network Slimming's code, ``thr = sorted(all)[int(total * prune_ratio)]``.
     """
     check_ratio(prune_ratio)
     total = sum(s.numel() for s in scores)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lit_prune.core.masks import Masks, sparsity
-from lit_prune.core.selection import check_ratio, threshold_keep
+from lit_prune.core.selection import THRESHOLD_RULES, check_ratio, threshold_keep
 from lit_prune.methods.base import Context, Decision, PruningMethod
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class MagnitudeMasks(PruningMethod):
         start_epoch: int | None = None,
         end_epoch: int | None = None,
         frequency: int = 1,
+        threshold: str = "exact",
     ) -> None:
         check_ratio(amount, "amount")
         if scope not in ("global", "layer"):
@@ -47,7 +48,11 @@ class MagnitudeMasks(PruningMethod):
         if relative and start_epoch is not None:
             raise ValueError("relative pruning is one-shot (one lottery-ticket round); drop start_epoch/end_epoch")
         self.amount, self.scope, self.include_linear, self.relative = float(amount), scope, include_linear, relative
+        if threshold not in THRESHOLD_RULES:
+            raise ValueError(f"threshold must be one of {', '.join(THRESHOLD_RULES)} ('reference': the paper's code, "
+                             f"sorted[k], which removes one weight more), got {threshold!r}")
         self.start_epoch, self.end_epoch, self.frequency = start_epoch, end_epoch, frequency
+        self.threshold = threshold
 
     def target_sparsity(self, epoch: int) -> float | None:
         """Cumulative target after ``epoch`` (0-based) in gradual mode, or None when no pruning is due.
@@ -78,10 +83,10 @@ class MagnitudeMasks(PruningMethod):
         """Masks removing ``target`` of the prunable weights (or of the non-zero ones when ``relative``).
 
         The paper's rule: a weight survives iff ``|w| > thr``, so ties at the threshold are pruned and
-        slightly more than ``target`` may go. ``thr`` is the k-th smallest magnitude, ``k = int(N * target)``,
-        so exactly k weights go when magnitudes are distinct (the reference takes ``sorted(|w|)[k]``, one
-        further, and removes k + 1). Weights already masked (zero) are the smallest and stay pruned: the
-        schedule's sparsity is cumulative.
+        slightly more than ``target`` may go. With ``threshold: exact`` (the default) ``thr`` is the k-th
+        smallest magnitude, ``k = int(N * target)``, so exactly k weights go when magnitudes are distinct;
+        ``threshold: reference`` takes the reference's ``sorted(|w|)[k]``, one further, and removes k + 1.
+        Weights already masked (zero) are the smallest and stay pruned: the schedule's sparsity is cumulative.
         """
         params = self.prunable(model)
         groups = [params] if self.scope == "global" else [{k: v} for k, v in params.items()]
@@ -90,9 +95,7 @@ class MagnitudeMasks(PruningMethod):
             n = sum(w.numel() for w in group.values())
             zeros = sum(int((w == 0).sum()) for w in group.values()) if self.relative else 0
             k = zeros + int((n - zeros) * target)
-            # exactly the k smallest magnitudes go (the reference's sorted[k] removes k + 1; and with k = 0
-            # pruning nothing, its count would jump from 0 to 2 between k = 0 and k = 1)
-            keeps = threshold_keep([w.abs() for w in group.values()], k, rule="exact")
+            keeps = threshold_keep([w.abs() for w in group.values()], k, rule=self.threshold)
             masks.update(zip(group, keeps, strict=True))
         for name, m in masks.items():
             if not m.any():

@@ -9,7 +9,7 @@ from torch import nn
 
 from lit_prune.core.groups import ChannelGroup, channel_groups
 from lit_prune.core.importance import group_scores
-from lit_prune.core.selection import apply_floor, check_not_emptied, check_ratio, global_threshold
+from lit_prune.core.selection import THRESHOLD_RULES, apply_floor, check_not_emptied, check_ratio, global_threshold
 from lit_prune.methods.base import Context, Decision, PruningMethod
 
 
@@ -23,7 +23,7 @@ class BNScaleSlimming(PruningMethod):
     name = "network_slimming"
 
     def __init__(self, sparsity: float = 1e-4, prune_ratio: float = 0.7, include_bn1d: bool = False,
-                 floor: int = 0) -> None:
+                 floor: int = 0, threshold: str = "exact") -> None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not sparsity >= 0:
             raise ValueError(f"sparsity (the L1 weight s on BN gamma) must be a number >= 0, got {sparsity!r}; "
                              "the paper uses 1e-4 (CIFAR VGG) or 1e-5 (PreResNet, DenseNet, ImageNet)")
@@ -31,7 +31,10 @@ class BNScaleSlimming(PruningMethod):
         if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
             raise ValueError(f"floor (minimum channels kept per layer) must be an int >= 0, got {floor!r}")
         self.sparsity, self.prune_ratio, self.include_bn1d = float(sparsity), float(prune_ratio), include_bn1d
-        self.floor = floor
+        if threshold not in THRESHOLD_RULES:
+            raise ValueError(f"threshold must be one of {', '.join(THRESHOLD_RULES)} ('reference': the paper's code, "
+                             f"sorted[k], which removes one channel more), got {threshold!r}")
+        self.floor, self.threshold = floor, threshold
 
     # ---- sparsity ------------------------------------------------------------------------------------
     def regularised(self, bn: nn.Module) -> bool:
@@ -71,7 +74,7 @@ class BNScaleSlimming(PruningMethod):
             raise ValueError(f"{type(model).__name__} has no channel group with a BatchNorm"
                              f"{'' if self.include_bn1d else '2d'} to score; Network Slimming needs BN layers")
         scores = [group_scores(model, g, "bn_gamma") for g in groups]
-        keeps = global_threshold(scores, self.prune_ratio, rule="reference")  # the reference's sorted[k]
+        keeps = global_threshold(scores, self.prune_ratio, rule=self.threshold)
         keeps = [apply_floor(s, k, self.floor) for s, k in zip(scores, keeps, strict=True)]
         result = {g.name: k for g, k in zip(groups, keeps, strict=True)}
         self._check_vanishing(groups, result)

@@ -87,7 +87,7 @@ def test_top_k_bounds() -> None:
 def test_global_threshold_keeps_strictly_greater_and_prunes_ties() -> None:
     scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0])]
     # all sorted: [1, 2, 2, 3, 4]; index int(5 * 0.4) = 2 -> threshold 2; both 2s are pruned
-    keep = global_threshold(scores, 0.4)
+    keep = global_threshold(scores, 0.4, rule="reference")
     assert [k.tolist() for k in keep] == [[False, False, True], [False, True]]
     assert all(k.dtype == torch.bool for k in keep)
     # 60% pruned although 40% was asked: the tie at the threshold goes too
@@ -96,10 +96,13 @@ def test_global_threshold_keeps_strictly_greater_and_prunes_ties() -> None:
 
 def test_global_threshold_is_one_threshold_across_layers() -> None:
     small, large = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([10.0, 20.0, 30.0, 40.0])
-    keep_small, keep_large = global_threshold([small, large], 0.5)
+    keep_small, keep_large = global_threshold([small, large], 0.5, rule="reference")
     # threshold = sorted[4] = 10: every channel of the small layer goes, the large layer loses only 10
     assert not keep_small.any()
     assert keep_large.tolist() == [False, True, True, True]
+    # the exact rule removes exactly int(8 * 0.5) = 4: threshold sorted[3] = 0.4, the large layer stays whole
+    keep_small, keep_large = global_threshold([small, large], 0.5)
+    assert not keep_small.any() and keep_large.all()
 
 
 def test_global_threshold_checks_ratio() -> None:

@@ -49,7 +49,7 @@ from _common import (  # also makes the repository importable
 from torch import nn
 
 from callbacks import L1FilterPruning, NetworkSlimming, PruningCallback
-from lit_prune.artifact import load_model, save_artifact
+from lit_prune.artifact import Artifact, load_model, save_artifact
 from lit_prune.core.flops import count_flops
 from lit_prune.methods.base import Decision
 from lit_prune.models import architecture, create_model
@@ -182,14 +182,14 @@ def layer_times(
 
 def export_times(
     dense: nn.Module, make: Callable[[], PruningCallback], path: Path, repeats: int
-) -> tuple[dict[str, Any], dict[str, list[float]]]:
+) -> tuple[Artifact, dict[str, list[float]]]:
     """Export ``dense`` ``repeats`` times (fresh callback each); return the last artifact and ms per part.
 
-    Parts: ``select`` (the callback's selection), ``export`` (copy, surgery, FLOPs counts, artifact dict),
+    Parts: ``select`` (the callback's selection), ``export`` (copy, surgery, FLOPs counts, the Artifact),
     ``write`` (atomic ``torch.save`` with fsync).
     """
     times: dict[str, list[float]] = {"select": [], "export": [], "write": [], "total": []}
-    art: dict[str, Any] = {}
+    art: Artifact | None = None
     for _ in range(repeats):
         cb = make()
         t0 = time.perf_counter()
@@ -201,6 +201,7 @@ def export_times(
         t3 = time.perf_counter()
         for key, seconds in (("select", t1 - t0), ("export", t2 - t1), ("write", t3 - t2), ("total", t3 - t0)):
             times[key].append(1000 * seconds)
+    assert art is not None, "the zoo models of this benchmark always export an artifact"
     return art, times
 
 
@@ -228,8 +229,8 @@ def measure_model(
         path = Path(tmp) / f"{key}.pt"
         art, export_ms = export_times(dense, make, path, export_repeats)
         pruned = load_model(path)  # the exported model as a user gets it, in eval mode
-    name, kwargs = art["architecture"]["name"], dict(art["architecture"]["kwargs"])
-    dense_macs = art["flops"]["dense"]["macs"]
+    name, kwargs = art.architecture.name, dict(art.architecture.kwargs)
+    dense_macs = art.flops.dense.macs
     cfg, dense_cfg = kwargs["cfg"], architecture(dense)["kwargs"]["cfg"]
     rounded_cfg = round_cfg(cfg, dense_cfg, round_to) if round_to > 1 else cfg
     rounded = None
@@ -240,9 +241,9 @@ def measure_model(
         "how": how,
         "cfg": cfg,
         "dense_cfg": dense_cfg,
-        "flops_ratio": art["flops"]["ratio"],
-        "params_dense": art["flops"]["dense"]["params"],
-        "params_pruned": art["flops"]["pruned"]["params"],
+        "flops_ratio": art.flops.ratio,
+        "params_dense": art.flops.dense.params,
+        "params_pruned": art.flops.pruned.params,
         "export_ms": export_ms,
         "export_ms_median": {k: statistics.median(v) for k, v in export_ms.items()},
         "round_to": round_to,

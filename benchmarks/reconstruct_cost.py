@@ -94,7 +94,7 @@ def _child(args: argparse.Namespace) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_mb": rss_before / 1024, "largest_stats_mb": largest["bytes"] / 2**20,
         "layers": len(method.results), "samples_first_layer": method.results[0]["samples"],
-        "flops_ratio": art["flops"]["ratio"],
+        "flops_ratio": art.flops.ratio,
     }
 
 

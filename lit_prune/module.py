@@ -111,11 +111,11 @@ class ImageClassifier(pl.LightningModule):
 
     def _from_artifact(self, path: str, regime: str, arch: str | None, num_classes: int) -> nn.Module:
         art = load_artifact(path)
-        name, kwargs = art["architecture"]["name"], art["architecture"]["kwargs"]
+        name, kwargs = art.architecture.name, art.architecture.kwargs
         if arch is not None and arch != name:
             raise ValueError(f"arch is {arch!r} but the artifact {path} holds a {name!r}; drop arch or give "
                              "the artifact pruned from that model")
-        if regime == "finetune" and art["provenance"]["method"] == "predefined":
+        if regime == "finetune" and art.provenance.method == "predefined":
             raise ValueError(f"{path} is an architecture-only artifact (a predefined width config, no trained "
                              "weights): train it with regime scratch; there is nothing to fine-tune")
         model = build_model(art, weights=regime == "finetune")
@@ -125,8 +125,8 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"the artifact {path} was pruned for {classes} classes but the data "
                              f"has {num_classes}; use an artifact pruned on this dataset")
         state = self.prune_state
-        state.set_masks(art.get("masks", {}))
-        state.init_state = art.get("init_state")  # theta_0 travels on, for the next lottery round
+        state.set_masks(art.masks)
+        state.init_state = art.init_state  # theta_0 travels on, for the next lottery round
         if regime == "scratch" and state.masks:
             reinit_masked_(model, state.masks)
         elif regime == "rewind":
@@ -172,6 +172,12 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        if stage == "train" and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {float(loss)} at step {self.global_step} (epoch {self.current_epoch}): the run "
+                "has diverged or started from non-finite weights; lower the learning rate, or resume from a "
+                "checkpoint taken before the divergence"
+            )
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
         for k in self._topk if stage != "train" else (1,):
@@ -222,7 +228,7 @@ class ImageClassifier(pl.LightningModule):
 
     @rank_zero_only
     def _log_model_size(self) -> None:
-        report = count_flops(self.model, nonzero=True)
+        report = count_flops(self.model, nonzero=bool(self.masks))  # non-zeros only where masks say weights are gone
         log.info("model: %s MACs, %s parameters", f"{report.macs:,}", f"{report.params:,}")
         if self.logger is not None:
             self.logger.log_metrics({"model/macs": report.macs, "model/params": report.params}, step=self.global_step)

@@ -18,9 +18,8 @@ import torch
 import yaml
 from torch import nn
 
-from lit_prune.artifact import FORMAT, build_model, load_artifact, make_artifact, read_weights
-from lit_prune.core.flops import count_flops
-from lit_prune.methods.state import checkpoint_states
+from lit_prune.artifact import FORMAT, Artifact, build_model, load_artifact, make_artifact, read_weights
+from lit_prune.methods.state import Counts, checkpoint_states
 from lit_prune.models import create_model, get_width_config_kwargs
 
 __all__ = ["load_datamodule", "load_method", "load_source", "predefined_artifact"]
@@ -91,7 +90,7 @@ def load_source(
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
             art = load_artifact(checkpoint)
-            return build_model(art), art.get("init_state")
+            return build_model(art), art.init_state
         if not isinstance(obj, dict) or "state_dict" not in obj or "hyper_parameters" not in obj:
             raise ValueError(f"{checkpoint} is neither a Lightning checkpoint of lit-prune nor an artifact")
         from lit_prune.module import ImageClassifier
@@ -109,7 +108,7 @@ def load_source(
     return model, None
 
 
-def predefined_artifact(arch: str, width_config: str, num_classes: int | None = None) -> dict[str, Any]:
+def predefined_artifact(arch: str, width_config: str, num_classes: int | None = None) -> Artifact:
     """An architecture-only artifact of a named width config (a paper's predefined pruned model).
 
     Args:
@@ -125,8 +124,8 @@ def predefined_artifact(arch: str, width_config: str, num_classes: int | None = 
     """
     get_width_config_kwargs(arch, width_config)  # a clear KeyError before building anything
     extra = {"num_classes": num_classes} if num_classes else {}
-    dense = count_flops(create_model(arch, **extra))
+    dense = Counts.of(create_model(arch, **extra))
     model = create_model(arch, cfg=width_config, **extra)
     settings = {"arch": arch, "width_config": width_config, "weights": "fresh initialisation, none inherited"}
     return make_artifact(model, method="predefined", settings=settings, source=None,
-                         dense={"macs": dense.macs, "params": dense.params})
+                         dense=dense)

@@ -55,8 +55,8 @@ def test_prune_cli_from_torchvision_style_weights(tmp_path, capsys):
     assert prune.main(["--arch", "cifar_resnet56", "--weights", str(weights), "--config", str(method),
                        "--out", str(out)]) == 0
     art = load_artifact(out)
-    assert art["architecture"]["kwargs"]["cfg"] == [6] * 7 + [16, 16, 32] + [22] * 6 + [32, 22, 64] + [57] * 7 + [64]
-    assert art["provenance"]["source"] == str(weights)
+    assert art.architecture.kwargs["cfg"] == [6] * 7 + [16, 16, 32] + [22] * 6 + [32, 22, 64] + [57] * 7 + [64]
+    assert art.provenance.source == str(weights)
     assert "ratio 1.380" in capsys.readouterr().out
     # the flops CLI reads the artifact back and shows the unpruned size beside it
     assert flops.main([str(out)]) == 0
@@ -84,14 +84,14 @@ def test_prune_cli_writes_predefined_architecture(tmp_path, capsys):
     argv = ["--arch", "cifar_resnet56", "--width-config", "B", "--num-classes", "10", "--out", str(out)]
     assert prune.main(argv) == 0
     art = load_artifact(out)
-    assert art["architecture"] == {"name": "cifar_resnet56",
-                                   "kwargs": {"num_classes": 10, "cfg": get_width_config("cifar_resnet56", "B")}}
-    assert art["provenance"]["method"] == "predefined" and art["provenance"]["source"] is None
-    assert art["provenance"]["settings"]["width_config"] == "B"
-    assert "none inherited" in art["provenance"]["settings"]["weights"]
-    assert art["flops"]["dense"]["macs"] == count_flops(create_model("cifar_resnet56", num_classes=10)).macs
-    assert art["flops"]["ratio"] == pytest.approx(1.3791, rel=1e-3)
-    assert scratch_b_budget(160, art["flops"]["ratio"]).epochs == 220  # paper-spec 1.3
+    assert art.architecture.to_dict() == {"name": "cifar_resnet56",
+                                          "kwargs": {"num_classes": 10, "cfg": get_width_config("cifar_resnet56", "B")}}
+    assert art.provenance.method == "predefined" and art.provenance.source is None
+    assert art.provenance.settings["width_config"] == "B"
+    assert "none inherited" in art.provenance.settings["weights"]
+    assert art.flops.dense.macs == count_flops(create_model("cifar_resnet56", num_classes=10)).macs
+    assert art.flops.ratio == pytest.approx(1.3791, rel=1e-3)
+    assert scratch_b_budget(160, art.flops.ratio).epochs == 220  # paper-spec 1.3
     assert "ratio 1.380" in capsys.readouterr().out
     # the flops CLI gives the Scratch-B budget of the artifact, with the arguments that run it
     assert flops.main([str(out), "--scratch-b", "160"]) == 0
@@ -107,8 +107,8 @@ def test_prune_cli_writes_predefined_architecture(tmp_path, capsys):
     assert "needs a pruned artifact" in capsys.readouterr().err
     # the Scratch-E/B path: a fresh model of that architecture
     module = ImageClassifier(artifact=str(out), regime="scratch", num_classes=10)
-    assert architecture(module.model) == art["architecture"]
-    assert not torch.equal(module.model.conv1.weight, art["state_dict"]["conv1.weight"])
+    assert architecture(module.model) == art.architecture.to_dict()
+    assert not torch.equal(module.model.conv1.weight, art.state_dict["conv1.weight"])
 
 
 @pytest.mark.slow
@@ -116,8 +116,8 @@ def test_prune_cli_writes_thinet70(tmp_path):
     out = tmp_path / "thinet70.pt"
     assert prune.main(["--arch", "resnet50", "--width-config", "thinet70", "--out", str(out)]) == 0
     art = load_artifact(out)
-    assert art["architecture"]["kwargs"]["cfg"] == get_width_config("resnet50", "thinet70")
-    budget = scratch_b_budget(90, art["flops"]["ratio"], rule="thirds", cap=2.0)
+    assert art.architecture.kwargs["cfg"] == get_width_config("resnet50", "thinet70")
+    budget = scratch_b_budget(90, art.flops.ratio, rule="thirds", cap=2.0)
     assert (budget.epochs, budget.milestones) == (141, [47, 94])  # paper-spec 1.3: 141 epochs, step 47
 
 

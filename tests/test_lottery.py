@@ -22,12 +22,12 @@ from torch import nn
 
 from callbacks import L1FilterPruning, MagnitudePruning
 from lit_prune.artifact import build_model, load_artifact
+from lit_prune.cli.prune import main as prune_main
 from lit_prune.core.budget import scratch_b_budget
 from lit_prune.core.flops import count_flops
 from lit_prune.core.groups import channel_groups
 from lit_prune.models import create_model
 from lit_prune.module import ImageClassifier
-from lit_prune.prune import main as prune_main
 from lit_prune.rethink import Protocol, Stage, load_experiment
 from tests.helpers import execute_in_process, randomize_bn
 
@@ -99,8 +99,8 @@ def ticket(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("regime", ["rewind", "scratch", "finetune"])
 def test_regime_start_and_masks_enforced(regime: str, ticket: dict, tmp_path: Path, tiny_data) -> None:
     art, theta0 = ticket["art"], ticket["theta0"]
-    masks = art["masks"]
-    assert art["init_state"] is not None and _same_state(art["init_state"], theta0)
+    masks = art.masks
+    assert art.init_state is not None and _same_state(art.init_state, theta0)
     pl.seed_everything(0)
     module = ImageClassifier(artifact=str(ticket["path"]), regime=regime, lr=0.1, weight_decay=5e-4)
     assert module.masks.keys() == masks.keys()
@@ -112,12 +112,12 @@ def test_regime_start_and_masks_enforced(regime: str, ticket: dict, tmp_path: Pa
         expected = {k: v * masks[k] if k in masks else v for k, v in theta0.items()}
         assert _same_state(start, expected)
     elif regime == "finetune":  # the pruned weights themselves
-        assert _same_state(start, art["state_dict"])
+        assert _same_state(start, art.state_dict)
     else:  # random re-init: the same mask, values that are neither theta_0 nor the trained ones
         for name, m in masks.items():
             assert torch.equal(start[name] != 0, m), name
             assert not torch.equal(start[name], theta0[name] * m)
-            assert not torch.equal(start[name], art["state_dict"][name])
+            assert not torch.equal(start[name], art.state_dict[name])
     # in every regime the masked weights stayed zero through the steps, and the kept ones trained
     assert _leaked(module.model, masks) == 0
     after = module.model.state_dict()
@@ -128,7 +128,7 @@ def test_regime_start_and_masks_enforced(regime: str, ticket: dict, tmp_path: Pa
 
 def test_scratch_uses_the_density_corrected_he_init_of_each_layer(ticket: dict) -> None:
     """Random re-init (spec 1.5): N(0, sqrt(2 / n)) with n = nnz(mask) / C_in, the layer's own density."""
-    masks = ticket["art"]["masks"]
+    masks = ticket["art"].masks
     pl.seed_everything(0)
     model = ImageClassifier(artifact=str(ticket["path"]), regime="scratch").model
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -172,8 +172,8 @@ def test_scratch_b_ratio_is_measured_after_the_mask(ticket: dict, tmp_path: Path
     art = ticket["art"]
     dense = count_flops(build_model(art, weights=False))
     masked = count_flops(build_model(art), nonzero=True)  # build_model applies the masks
-    ratio = art["flops"]["ratio"]
-    assert art["flops"]["dense"]["macs"] == dense.macs and art["flops"]["pruned"]["macs"] == masked.macs
+    ratio = art.flops.ratio
+    assert art.flops.dense.macs == dense.macs and art.flops.pruned.macs == masked.macs
     assert ratio == pytest.approx(dense.macs / masked.macs) and ratio > 3  # 80% of the conv weights gone
     assert count_flops(build_model(art, weights=False), nonzero=True).macs == dense.macs  # the bug's r = 1
 
@@ -212,15 +212,15 @@ def test_structured_masks_equal_the_physically_pruned_resnet56_a() -> None:
     groups = {g.name: g for g in channel_groups(model)}
 
     # full size, and the same function as the narrow model
-    assert art_m["architecture"] == {"name": "cifar_resnet56", "kwargs": {"cfg": [16] * 9 + [32] * 9 + [64] * 9}}
+    assert art_m.architecture.to_dict() == {"name": "cifar_resnet56", "kwargs": {"cfg": [16] * 9 + [32] * 9 + [64] * 9}}
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(build_model(art_m).eval()(x), build_model(art_p).eval()(x), rtol=1e-4, atol=1e-5)
     # the masked model's non-zero MACs are the narrow model's: Scratch-B gets the same r in both forms
-    assert art_m["flops"]["pruned"]["macs"] == art_p["flops"]["pruned"]["macs"]
-    assert art_m["flops"]["ratio"] == pytest.approx(art_p["flops"]["ratio"])
+    assert art_m.flops.pruned.macs == art_p.flops.pruned.macs
+    assert art_m.flops.ratio == pytest.approx(art_p.flops.ratio)
 
-    masks, state = art_m["masks"], art_m["state_dict"]
+    masks, state = art_m.masks, art_m.state_dict
     n_pruned = 0
     for name, keep in keeps.items():
         g = groups[name]
@@ -249,10 +249,10 @@ def test_structured_ticket_keeps_theta0_and_rewinds_to_it(tmp_path: Path, tiny_d
     trainer = _trainer(tmp_path, [cb], max_epochs=1)
     trainer.fit(module, datamodule=tiny_data)
     art = load_artifact(cb.written)
-    assert art["architecture"]["kwargs"]["cfg"] == CFG20 and art["masks"]
-    assert _same_state(art["init_state"], theta0)
+    assert art.architecture.kwargs["cfg"] == CFG20 and art.masks
+    assert _same_state(art.init_state, theta0)
     rewound = ImageClassifier(artifact=cb.written, regime="rewind").model.state_dict()
-    masks = art["masks"]
+    masks = art.masks
     expected = {k: v * masks[k] if k in masks else v for k, v in theta0.items()}
     assert _same_state(rewound, expected)
     assert not rewound["layer1.0.bn1.weight"].all()  # pruned channels' gamma rewound to zero, not to 1
@@ -274,21 +274,21 @@ def test_prune_cli_chain_keeps_theta0_and_prunes_relative(tmp_path: Path, tiny_d
     a1, a2 = tmp_path / "round1.pt", tmp_path / "round2.pt"
     assert prune_main(["--checkpoint", str(last), "--config", str(LOTTERY_50), "--out", str(a1)]) == 0
     r1 = load_artifact(a1)
-    n = sum(m.numel() for m in r1["masks"].values())
-    assert _sparsity(r1["masks"]) == (n // 2) / n
-    assert _same_state(r1["init_state"], theta0)
-    assert r1["provenance"]["source"] == str(last) and r1["provenance"]["settings"]["relative"] is True
+    n = sum(m.numel() for m in r1.masks.values())
+    assert _sparsity(r1.masks) == (n // 2) / n
+    assert _same_state(r1.init_state, theta0)
+    assert r1.provenance.source == str(last) and r1.provenance.settings["relative"] is True
     # the same masks as the callback's own artifact written when that fit ended
     own = load_artifact(cb.written)
-    assert all(torch.equal(own["masks"][k], m) for k, m in r1["masks"].items())
+    assert all(torch.equal(own.masks[k], m) for k, m in r1.masks.items())
 
     assert prune_main(["--checkpoint", str(a1), "--config", str(LOTTERY_50), "--out", str(a2)]) == 0
     r2 = load_artifact(a2)
-    assert _sparsity(r2["masks"]) == (3 * n // 4) / n == 0.75
-    assert all(not (r2["masks"][k] & ~m).any() for k, m in r1["masks"].items())  # round 1's zeros stay
-    assert _same_state(r2["init_state"], theta0)
-    assert r2["flops"]["ratio"] > r1["flops"]["ratio"] > 1
-    assert _leaked(build_model(r2), r2["masks"]) == 0
+    assert _sparsity(r2.masks) == (3 * n // 4) / n == 0.75
+    assert all(not (r2.masks[k] & ~m).any() for k, m in r1.masks.items())  # round 1's zeros stay
+    assert _same_state(r2.init_state, theta0)
+    assert r2.flops.ratio > r1.flops.ratio > 1
+    assert _leaked(build_model(r2), r2.masks) == 0
 
 
 # ---- an iterative lottery experiment through the protocol runner ------------------------------------
@@ -325,12 +325,12 @@ def test_two_round_lottery_experiment(tmp_path: Path, monkeypatch) -> None:
     theta0 = next(s["init_state"] for s in torch.load(seed / "large" / "checkpoints" / "last.ckpt",
                                                       weights_only=True)["callbacks"].values() if "init_state" in s)
     r1, r2 = (load_artifact(seed / v / "prune" / "pruned.pt") for v in ("round1", "round2"))
-    n = sum(m.numel() for m in r1["masks"].values())
-    assert _sparsity(r1["masks"]) == pytest.approx(0.5, abs=1 / n)
-    assert _sparsity(r2["masks"]) == pytest.approx(0.75, abs=2 / n)
-    assert all(not (r2["masks"][k] & ~m).any() for k, m in r1["masks"].items())
-    assert _same_state(r1["init_state"], theta0) and _same_state(r2["init_state"], theta0)
+    n = sum(m.numel() for m in r1.masks.values())
+    assert _sparsity(r1.masks) == pytest.approx(0.5, abs=1 / n)
+    assert _sparsity(r2.masks) == pytest.approx(0.75, abs=2 / n)
+    assert all(not (r2.masks[k] & ~m).any() for k, m in r1.masks.items())
+    assert _same_state(r1.init_state, theta0) and _same_state(r2.init_state, theta0)
     # round 2 pruned the retrained winning ticket of round 1, not the large model
-    assert r2["provenance"]["source"] == str(seed / "round1" / "winning_ticket" / "model.pt")
+    assert r2.provenance.source == str(seed / "round1" / "winning_ticket" / "model.pt")
     ticket = load_artifact(seed / "round1" / "winning_ticket" / "model.pt")
-    assert _same_state(ticket["init_state"], theta0) and _leaked(build_model(ticket), r1["masks"]) == 0
+    assert _same_state(ticket.init_state, theta0) and _leaked(build_model(ticket), r1.masks) == 0

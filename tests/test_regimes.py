@@ -94,7 +94,7 @@ def sfp_artifact(tmp_path: Path) -> Path:
     randomize_bn(model)
     SoftFilterPruning(prune_ratio=0.3).prune(model.eval(), path=str(tmp_path / "sfp.pt"))
     path = tmp_path / "sfp-masked.pt"
-    assert load_artifact(path)["masks"]
+    assert load_artifact(path).masks
     return path
 
 
@@ -104,10 +104,10 @@ def test_finetune_starts_from_exactly_the_artifact_weights(l1_artifact: Path) ->
     art = load_artifact(l1_artifact)
     module = ImageClassifier(artifact=str(l1_artifact), regime="finetune")
     state = module.model.state_dict()
-    assert state.keys() == art["state_dict"].keys()
-    for k, v in art["state_dict"].items():
+    assert state.keys() == art.state_dict.keys()
+    for k, v in art.state_dict.items():
         assert torch.equal(state[k], v), k
-    assert module.model.arch_kwargs()["cfg"] == art["architecture"]["kwargs"]["cfg"] == [8] * 3 + [16] * 3 + [32] * 3
+    assert module.model.arch_kwargs()["cfg"] == art.architecture.kwargs["cfg"] == [8] * 3 + [16] * 3 + [32] * 3
 
 
 def test_scratch_has_the_pruned_shapes_and_none_of_the_weights(l1_artifact: Path) -> None:
@@ -117,10 +117,10 @@ def test_scratch_has_the_pruned_shapes_and_none_of_the_weights(l1_artifact: Path
     params = dict(module.model.named_parameters())
     assert len(params) > 0
     for name, p in params.items():
-        ref = art["state_dict"][name]
+        ref = art.state_dict[name]
         assert p.shape == ref.shape, name
         assert not torch.equal(p.detach(), ref), f"{name} was inherited from the artifact"
-    assert module.model.arch_kwargs()["cfg"] == art["architecture"]["kwargs"]["cfg"]
+    assert module.model.arch_kwargs()["cfg"] == art.architecture.kwargs["cfg"]
     # the fresh weights are the family's own init (BN gamma 1, beta 0), drawn from the seeded RNG
     assert torch.equal(module.model.layer1[0].bn1.weight, torch.ones(8))
     pl.seed_everything(1)
@@ -130,7 +130,7 @@ def test_scratch_has_the_pruned_shapes_and_none_of_the_weights(l1_artifact: Path
 
 def test_scratch_keeps_the_channel_selection_indices(slim_artifact: Path) -> None:
     art = load_artifact(slim_artifact)
-    select = art["architecture"]["kwargs"]["select"]
+    select = art.architecture.kwargs["select"]
     assert any(s and len(s) < n for s, n in zip(select, [64, 128, 256, 256], strict=True)), select
     finetune = ImageClassifier(artifact=str(slim_artifact), regime="finetune")
     scratch = ImageClassifier(artifact=str(slim_artifact), regime="scratch")
@@ -138,11 +138,11 @@ def test_scratch_keeps_the_channel_selection_indices(slim_artifact: Path) -> Non
     sel_sc = {n: m.indices for n, m in scratch.model.named_modules() if isinstance(m, ChannelSelection)}
     assert sel_ft.keys() == sel_sc.keys() and len(sel_sc) == 4
     for name, idx in sel_sc.items():
-        assert torch.equal(idx, art["state_dict"][f"{name}.indices"]), name
+        assert torch.equal(idx, art.state_dict[f"{name}.indices"]), name
         assert torch.equal(idx, sel_ft[name])
     for name, p in scratch.model.named_parameters():
-        assert p.shape == art["state_dict"][name].shape
-        assert not torch.equal(p.detach(), art["state_dict"][name]), name
+        assert p.shape == art.state_dict[name].shape
+        assert not torch.equal(p.detach(), art.state_dict[name]), name
     x = torch.randn(2, 3, 32, 32)
     assert scratch.eval()(x).shape == (2, 10)
 
@@ -156,13 +156,13 @@ def test_masked_weights_stay_zero_through_training(kind, regime, request, tmp_pa
     art = load_artifact(path)
     pl.seed_everything(0)
     module = ImageClassifier(artifact=str(path), regime=regime, lr=0.1, weight_decay=5e-4)
-    masks = art["masks"]
+    masks = art.masks
     assert module.masks.keys() == masks.keys() and len(masks) >= 19  # every conv of ResNet-20
     before = _params(module)
     for name, mask in masks.items():
         assert not before[name][~mask.expand_as(before[name])].any(), f"{name} starts with masked non-zeros"
     if regime == "finetune":
-        assert all(torch.equal(before[k], art["state_dict"][k]) for k in before)
+        assert all(torch.equal(before[k], art.state_dict[k]) for k in before)
 
     _fit(module, tiny_data, tmp_path, epochs=2)  # 6 SGD steps with momentum and weight decay
     after = _params(module)
@@ -183,10 +183,10 @@ def test_scratch_masked_convs_use_density_corrected_he_init(masked_artifact: Pat
     pl.seed_everything(0)
     module = ImageClassifier(artifact=str(masked_artifact), regime="scratch")
     conv = module.model.layer3[2].conv2  # 64 -> 64, 3x3: 36,864 weights, ~9,200 kept
-    mask = art["masks"]["layer3.2.conv2.weight"]
+    mask = art.masks["layer3.2.conv2.weight"]
     w = conv.weight.detach()
     assert torch.equal(w != 0, mask)  # fresh values everywhere the mask keeps, zero elsewhere
-    assert not torch.equal(w, art["state_dict"]["layer3.2.conv2.weight"])
+    assert not torch.equal(w, art.state_dict["layer3.2.conv2.weight"])
     nnz = int(mask.sum())
     corrected = math.sqrt(2.0 / (nnz / conv.in_channels))  # n = nnz / C_in (spec 1.5), = 0.118 here
     plain = math.sqrt(2.0 / (9 * conv.out_channels))  # the uncorrected fan-out, = 0.059
@@ -194,7 +194,7 @@ def test_scratch_masked_convs_use_density_corrected_he_init(masked_artifact: Pat
     assert std == pytest.approx(corrected, rel=0.05)
     assert abs(std - plain) > 0.5 * plain
     # an unmasked layer (none here) would keep the family's init: the classifier is untouched by masks
-    assert "fc.weight" not in art["masks"]
+    assert "fc.weight" not in art.masks
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -213,8 +213,8 @@ def test_checkpoint_records_regime_and_rebuilds_without_the_artifact(kind, reque
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     hp = raw["hyper_parameters"]
     assert hp["regime"] == "scratch" and hp["source_artifact"] == str(path) and hp["artifact"] is None
-    assert hp["arch"] == art["architecture"]["name"]
-    assert hp["cfg"] == art["architecture"]["kwargs"]["cfg"]
+    assert hp["arch"] == art.architecture.name
+    assert hp["cfg"] == art.architecture.kwargs["cfg"]
 
     path.unlink()  # the checkpoint alone must describe the pruned model
     loaded = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu")
@@ -227,7 +227,7 @@ def test_checkpoint_records_regime_and_rebuilds_without_the_artifact(kind, reque
     assert all(torch.equal(loaded.masks[k], module.masks[k]) for k in module.masks)
     if kind == "slim":
         assert loaded.model.arch_kwargs() == module.model.arch_kwargs()
-        assert loaded.model.arch_kwargs()["select"] == art["architecture"]["kwargs"]["select"]
+        assert loaded.model.arch_kwargs()["select"] == art.architecture.kwargs["select"]
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), module.eval()(x))
@@ -241,7 +241,7 @@ def test_artifact_for_another_class_count_is_refused(l1_artifact: Path, tmp_path
     # a model built without an explicit num_classes has its builder's default (10) all the same
     implicit = tmp_path / "implicit.pt"
     L1FilterPruning(prune_ratio=0.5).prune(create_model("cifar_resnet20").eval(), path=str(implicit))
-    assert "num_classes" not in load_artifact(implicit)["architecture"]["kwargs"]
+    assert "num_classes" not in load_artifact(implicit).architecture.kwargs
     with pytest.raises(ValueError, match=r"10 classes.*has 100"):
         ImageClassifier(artifact=str(implicit), num_classes=100)
     assert ImageClassifier(artifact=str(implicit), num_classes=10).model.fc.out_features == 10
@@ -273,7 +273,7 @@ def test_missing_and_corrupted_artifacts_are_refused(l1_artifact: Path, tmp_path
 
 def test_cli_test_evaluates_an_artifact(tmp_path: Path, monkeypatch) -> None:
     """``python train.py test --config configs/quickstart.yaml --model.artifact X`` tests the pruned model."""
-    from lit_prune.cli import main
+    from lit_prune.cli.train import main
 
     torch.manual_seed(0)
     model = create_model("cifar_vgg11", cfg=QUICKSTART_CFG, num_classes=10)
@@ -284,7 +284,7 @@ def test_cli_test_evaluates_an_artifact(tmp_path: Path, monkeypatch) -> None:
     cli = main(["test", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model.artifact", str(path),
                 "--data.batch_size=16", "--trainer.limit_test_batches=3", "--trainer.enable_progress_bar=false"])
     acc = float(cli.trainer.callback_metrics["test/acc1"])
-    assert cli.model.model.arch_kwargs()["cfg"] == art["architecture"]["kwargs"]["cfg"]
+    assert cli.model.model.arch_kwargs()["cfg"] == art.architecture.kwargs["cfg"]
 
     # the same number by hand: the artifact as a plain nn.Module on the first three test batches
     dm = MNIST5kDataModule(batch_size=16)

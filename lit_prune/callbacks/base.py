@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.artifact import flops_summary, make_artifact, save_artifact
+from lit_prune.artifact import Artifact, FlopsSummary, flops_summary, make_artifact, save_artifact
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.surgery import prune_groups
@@ -178,7 +178,8 @@ class PruningCallback(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.num_training_batches == 0 and self.prune_at_end and self.artifact_path is not None:
+        # A fit that took no step (limit_train_batches: 0) never reached on_train_end, where methods prune.
+        if trainer.global_step == 0 and self.prune_at_end and self.artifact_path is not None and self.written is None:
             raise ValueError(f"{type(self).__name__} never ran: this fit trained no batch (limit_train_batches: 0?), "
                              "so no artifact was written. Train for at least one batch, or prune a trained checkpoint "
                              "with python -m lit_prune.prune")
@@ -228,7 +229,7 @@ class PruningCallback(pl.Callback):
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
         source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
-    ) -> dict[str, Any] | None:
+    ) -> Artifact | None:
         """Decide, share rank 0's decision, export the pruned copy as an artifact.
 
         Every method takes these arguments; a model outside the zoo is pruned in place instead and None is
@@ -286,7 +287,7 @@ class PruningCallback(pl.Callback):
         path: str | None = None,
         source: str | None = None,
         init_state: Mapping[str, torch.Tensor] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> Artifact | None:
         """Apply ``decision`` to a *copy* of ``model``, log the result, and write the artifact on rank 0.
 
         The copy loses the decision's ``keeps`` physically and keeps its ``masks`` (with no keeps it is the
@@ -316,32 +317,32 @@ class PruningCallback(pl.Callback):
         if decision.masks:
             apply_masks(pruned, decision.masks)
         if not zoo:
-            self._log_export(trainer, decision, flops_summary(pruned, dense.to_dict(), masked=bool(decision.masks)))
+            self._log_export(trainer, decision, flops_summary(pruned, dense, masked=bool(decision.masks)))
             return None
         init = self.init_state if self.init_state is not None else init_state
         art = make_artifact(pruned, method=self.method, settings=self.settings(), source=source,
-                            dense=dense.to_dict(), masks=decision.masks, init_state=init)
-        self._log_export(trainer, decision, art["flops"])
+                            dense=dense, masks=decision.masks, init_state=init)
+        self._log_export(trainer, decision, art.flops)
         self.written = self.write(art, self.resolve_path(trainer, path), trainer) or self.written
         return art
 
     @staticmethod
-    def write(art: Mapping[str, Any], target: Path | None, trainer: pl.Trainer | None) -> str | None:
+    def write(art: Artifact, target: Path | None, trainer: pl.Trainer | None) -> str | None:
         """Write ``art`` at ``target`` from global rank 0 (atomically), then wait for every rank."""
         if target is None:
             return None
         if trainer is None or trainer.is_global_zero:
             save_artifact(art, target)
-            rank_zero_info(f"{art['provenance']['method']} artifact written to {target}")
+            rank_zero_info(f"{art.provenance.method} artifact written to {target}")
         if trainer is not None:
             trainer.strategy.barrier("lit_prune_export")
         return str(target)
 
-    def _log_export(self, trainer: pl.Trainer | None, decision: Decision, flops: Mapping[str, Any]) -> None:
+    def _log_export(self, trainer: pl.Trainer | None, decision: Decision, flops: FlopsSummary) -> None:
         metrics = {
-            "prune/macs_dense": flops["dense"]["macs"], "prune/macs_pruned": flops["pruned"]["macs"],
-            "prune/params_dense": flops["dense"]["params"], "prune/params_pruned": flops["pruned"]["params"],
-            "prune/flops_ratio": flops["ratio"],
+            "prune/macs_dense": flops.dense.macs, "prune/macs_pruned": flops.pruned.macs,
+            "prune/params_dense": flops.dense.params, "prune/params_pruned": flops.pruned.params,
+            "prune/flops_ratio": flops.ratio,
         }
         kept = sum(int(k.sum()) for k in decision.keeps.values())
         total = sum(k.numel() for k in decision.keeps.values())
@@ -353,8 +354,8 @@ class PruningCallback(pl.Callback):
         what = decision.summary or (f"pruned ({kept}/{total} channels kept)" if total
                                     else f"pruned ({len(decision.masks)} masked tensors)")
         rank_zero_info(
-            f"{what}: {flops['pruned']['macs']:,} / {flops['dense']['macs']:,} MACs (ratio {flops['ratio']:.3f}), "
-            f"{flops['pruned']['params']:,} / {flops['dense']['params']:,} params"
+            f"{what}: {flops.pruned.macs:,} / {flops.dense.macs:,} MACs (ratio {flops.ratio:.3f}), "
+            f"{flops.pruned.params:,} / {flops.dense.params:,} params"
         )
 
 

@@ -63,7 +63,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.artifact import make_artifact
+from lit_prune.artifact import Artifact, make_artifact
 from lit_prune.callbacks.base import PruningCallback, log_metrics, unwrap
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.protocols import is_zoo_model
@@ -199,7 +199,7 @@ class SoftFilterPruning(PruningCallback):
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
         source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
-    ) -> dict[str, Any] | None:
+    ) -> Artifact | None:
         """One final selection on a trained model (zeroed in place), then both artifacts.
 
         For ``python -m lit_prune.prune`` on an SFP checkpoint: ``path`` is the small artifact, and a
@@ -221,7 +221,7 @@ class SoftFilterPruning(PruningCallback):
     def write_artifacts(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
         source: str | None = None, init_state: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> Artifact | None:
         """Write the masked full-size artifact and, where possible, the physically smaller one (rank 0).
 
         ``model`` must hold the current selection's zeros (``reprune`` does that). A model that is not
@@ -237,7 +237,7 @@ class SoftFilterPruning(PruningCallback):
         dense = self.state.record_dense(model)  # dense counts ignore zeros, so the masked model gives them too
         init = self.init_state if self.init_state is not None else init_state
         masked = make_artifact(model, method=self.method, settings=self.settings(), source=source,
-                               dense=dense.to_dict(), masks=self.masks, init_state=init)
+                               dense=dense, masks=self.masks, init_state=init)
         self.masked_written = self.write(masked, self._masked_target(trainer, path), trainer)
         small = self._export_small(model, trainer, path, source, init)
         return small if small is not None else masked
@@ -245,7 +245,7 @@ class SoftFilterPruning(PruningCallback):
     def _export_small(
         self, model: nn.Module, trainer: pl.Trainer | None, path: str | None, source: str | None,
         init_state: dict[str, torch.Tensor] | None,
-    ) -> dict[str, Any] | None:
+    ) -> Artifact | None:
         if path is None and self.artifact_path is None:
             return None
         try:

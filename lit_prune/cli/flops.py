@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.model).is_file():  # a pruned artifact: count its non-zero weights, show the dense size
             art = load_artifact(args.model)
             model = build_model(art)
-            args.nonzero = args.nonzero or bool(art["masks"])
-            extra = {"model": art["architecture"]["name"], "cfg": art["architecture"]["kwargs"].get("cfg"),
-                     "dense": art["flops"]["dense"], "method": art["provenance"]["method"]}
+            args.nonzero = args.nonzero or bool(art.masks)
+            extra = {"model": art.architecture.name, "cfg": art.architecture.kwargs.get("cfg"),
+                     "dense": art.flops.dense.to_dict(), "method": art.provenance.method}
         else:
             model = create_model(args.model, cfg=_parse_cfg(args.cfg), **kwargs)
     except (KeyError, ValueError, FileNotFoundError) as err:

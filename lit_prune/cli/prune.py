@@ -31,9 +31,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
-from lit_prune.artifact import save_artifact
+from lit_prune.artifact import Artifact, save_artifact
 from lit_prune.sources import load_datamodule, load_method, load_source, predefined_artifact
 
 log = logging.getLogger(__name__)
@@ -68,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
-    f = art["flops"]
-    print(f"wrote {args.out}: {art['architecture']['name']} {f['pruned']['macs']:,} MACs "
-          f"(dense {f['dense']['macs']:,}, ratio {f['ratio']:.3f})")
+    f = art.flops
+    print(f"wrote {args.out}: {art.architecture.name} {f.pruned.macs:,} MACs "
+          f"(dense {f.dense.macs:,}, ratio {f.ratio:.3f})")
     return 0
 
 
-def _prune(args: argparse.Namespace) -> dict[str, Any]:
+def _prune(args: argparse.Namespace) -> Artifact:
     """Prune the large model named by ``args`` with the method of ``args.config``; returns the artifact."""
     method = load_method(args.config)
     if method.needs_data and args.data_config is None:

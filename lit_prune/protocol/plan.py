@@ -15,10 +15,13 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lit_prune.protocol.config import ExperimentConfig, ExperimentError, RegimeConfig, VariantConfig
 from lit_prune.protocol.layout import ARTIFACT, LARGE, PRUNE, RunLayout, read_metrics
+
+if TYPE_CHECKING:  # torch: only when a run looks at its files
+    from lit_prune.artifact import Artifact
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ class Planner:
         path = self.layout.artifact(st.seed, st.variant)
         art = load_artifact(path)
         regime = self.config.regimes[st.kind]
-        ratio, convention, fallback = art["flops"]["ratio"], "macs", ""
+        ratio, convention, fallback = art.flops.ratio, "macs", ""
         if regime.convention == "reference":
             try:
                 ratio, convention = reference_ratio(art, self.large_cfg(), self.large.arch), "reference"
@@ -204,7 +207,7 @@ class _NoReference(Exception):
     """Why the dense model of an artifact cannot be rebuilt for the reference count."""
 
 
-def reference_ratio(art: dict[str, Any], large_cfg: Any = None, large_arch: str | None = None) -> float:
+def reference_ratio(art: Artifact, large_cfg: Any = None, large_arch: str | None = None) -> float:
     """Scratch-B's r in the reference convention (paper-spec 1.3-1.4): ``FLOPs(large) / FLOPs(pruned)``
     with ``count_flops(..., convention="reference")``, the pruned model after its masks (non-zero conv
     weights where the artifact has masks, as the paper intends; paper-spec 12.2).
@@ -224,17 +227,17 @@ def reference_ratio(art: dict[str, Any], large_cfg: Any = None, large_arch: str 
     from lit_prune.core.flops import count_flops
     from lit_prune.models import create_model
 
-    arch = art["architecture"]
-    size = tuple(art.get("input_size") or ()) or None
+    arch = art.architecture
+    size = art.input_size
     pruned = build_model(art)
     widths = set(pruned.arch_kwargs())  # cfg, select: what pruning changed
-    own = {k: v for k, v in arch["kwargs"].items() if k not in widths}
-    candidates = [(arch["name"], own)]
-    if large_arch and large_arch != arch["name"]:
+    own = {k: v for k, v in arch.kwargs.items() if k not in widths}
+    candidates = [(arch.name, own)]
+    if large_arch and large_arch != arch.name:
         candidates.append((large_arch, {k: v for k, v in own.items() if k == "num_classes"}))
     if large_cfg is not None:  # the large model's widths first, then the unpruned ones
         candidates = [c for name, kw in candidates for c in ((name, {**kw, "cfg": large_cfg}), (name, kw))]
-    stored, problems = art["flops"]["dense"]["macs"], []
+    stored, problems = art.flops.dense.macs, []
     for name, kwargs in candidates:
         try:
             with torch.device("meta"):  # shapes are all a dense count needs
@@ -247,5 +250,5 @@ def reference_ratio(art: dict[str, Any], large_cfg: Any = None, large_arch: str 
         problems.append(f"a rebuilt large {name} has {dense_count.macs} MACs, the artifact recorded {stored}")
     else:
         raise _NoReference("; ".join(problems))
-    with_masks = bool(art.get("masks"))
+    with_masks = bool(art.masks)
     return dense_count.flops / max(count_flops(pruned, size, nonzero=with_masks, convention="reference").flops, 1)

@@ -45,7 +45,7 @@ def collect(config: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
                 "paper": config.paper.get(v.name, {}).get(row),
             }
         art_path = layout.artifact(config.seeds[0], v.name)
-        flops = load_artifact(art_path)["flops"] if art_path.is_file() else None
+        flops = load_artifact(art_path).flops.to_dict() if art_path.is_file() else None  # results.json: plain data
         results["variants"][v.name] = {"rows": rows, "flops": flops}
     return results
 

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_prune.artifact import make_artifact, read_weights, save_artifact
-from lit_prune.cli import LitPruneCLI
+from lit_prune.cli.train import LitPruneCLI
 from lit_prune.core.protocols import is_zoo_model
 from lit_prune.io import atomic_save_json
 from lit_prune.module import ImageClassifier
@@ -113,7 +113,7 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
             art = make_artifact(model.model, method=f"retrain:{model.hparams.regime}", masks=model.masks,
                                 source=str(stage), settings={"max_epochs": metrics["max_epochs"]},
                                 init_state=model.init_state)
-            metrics.update(macs=art["flops"]["pruned"]["macs"], params=art["flops"]["pruned"]["params"])
+            metrics.update(macs=art.flops.pruned.macs, params=art.flops.pruned.params)
             save_artifact(art, stage / MODEL)
         atomic_save_json(metrics, stage / METRICS)
     trainer.strategy.barrier("lit_prune_stage")

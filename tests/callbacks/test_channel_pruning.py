@@ -62,7 +62,7 @@ def test_inputs_from_the_pruned_network_targets_from_the_original() -> None:
     # paper-spec 5.2 step 1: the current network is already pruned before each layer, the reference never is
     assert [c[1][:3] for c in spy.calls] == [[8, 8, 8], [4, 8, 8], [4, 4, 8]]
     assert all(c[2] == [8] * 8 for c in spy.calls)
-    assert art["architecture"]["kwargs"]["cfg"] == [4, "M", 4, "M", 4, 8, "M", 8, 8, "M", 8, 8]
+    assert art.architecture.kwargs["cfg"] == [4, "M", 4, "M", 4, 8, "M", 8, 8, "M", 8, 8]
     assert [r["kept"] for r in spy.results] == [4, 4, 4]
     assert all(r["nonzero"] >= r["kept"] for r in spy.results)  # the LASSO's non-zeros, before keeping c'
 
@@ -86,7 +86,7 @@ def test_channel_sampler_prunes_block_inputs_of_an_imagenet_resnet(tmp_path: Pat
     cb = ChannelPruning(prune_ratio=0.5, layers=["layer1.0.*"], channel_sampler=True, num_images=8,
                         positions_per_image=4, artifact_path=str(tmp_path / "p.pt"))
     art = cb.prune(model, dataloader=_loader(8, size=64))
-    kwargs = art["architecture"]["kwargs"]
+    kwargs = art.architecture.kwargs
     assert kwargs["cfg"][:2] == [32, 64]
     assert len(kwargs["select"][0]) == 32 and kwargs["select"][1:] == [None] * 15
     assert [r["layer"] for r in cb.results] == ["layer1.0.select", "layer1.0.conv1"]
@@ -159,4 +159,4 @@ def test_ddp_ranks_share_statistics_and_write_one_artifact(tmp_path: Path) -> No
         torch.testing.assert_close(ranks[0][name]["weight"], ranks[1][name]["weight"], rtol=0, atol=0)
     artifacts = sorted(run.rglob("*.pt"))
     assert [p.name for p in artifacts] == ["pruned.pt"], artifacts
-    assert load_artifact(artifacts[0])["architecture"]["kwargs"]["cfg"] == HALF
+    assert load_artifact(artifacts[0]).architecture.kwargs["cfg"] == HALF

@@ -127,15 +127,15 @@ def test_resume_equals_an_uninterrupted_run_and_the_artifact_reloads(name: str, 
     path = Path(full_cb.written)
     assert path.is_file() and torch.load(path, weights_only=True)["format"] == "lit-prune-artifact"
     art, again = load_artifact(path), load_artifact(resumed_cb.written)
-    assert _state_equal(art["state_dict"], again["state_dict"]) and _state_equal(art["masks"], again["masks"])
+    assert _state_equal(art.state_dict, again.state_dict) and _state_equal(art.masks, again.masks)
     model = load_model(path)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     # the provenance records the constructor arguments as given, never the state (theta_0, masks)
-    settings = art["provenance"]["settings"]
+    settings = art.provenance.settings
     assert "init_state" not in settings and "masks" not in settings and "artifact_path" not in settings
     assert settings == full_cb.settings() and settings.get("keep_init", False) == full_cb.keep_init
     if full_cb.keep_init:
-        assert art["init_state"] is not None and _state_equal(art["init_state"], again["init_state"])
+        assert art.init_state is not None and _state_equal(art.init_state, again.init_state)
 
 
 @pytest.mark.parametrize("name", ["l1_mask", "magnitude"])
@@ -144,15 +144,15 @@ def test_masks_stay_enforced_with_momentum_and_weight_decay(name: str, tmp_path:
     cb = factory()
     _, module = _fit(tmp_path, cb, kwargs, epochs=2)
     art = load_artifact(cb.written)
-    assert art["masks"], "a masked method writes its masks"
+    assert art.masks, "a masked method writes its masks"
     params = dict(module.model.named_parameters())
     if name == "magnitude":  # gradual: enforced on the live model during training
         leaked = sum(int(params[n].detach()[~m.expand_as(params[n])].count_nonzero()) for n, m in cb.masks.items())
         assert leaked == 0
     model = load_model(cb.written)  # the masked artifact's zeros are its masks' zeros
     for n, p in model.named_parameters():
-        if n in art["masks"]:
-            assert not p.detach()[~art["masks"][n].expand_as(p)].any()
+        if n in art.masks:
+            assert not p.detach()[~art.masks[n].expand_as(p)].any()
 
 
 def test_two_instances_of_one_method_keep_their_own_state() -> None:

@@ -128,7 +128,7 @@ def test_ddp_ranks_agree_and_rank0_writes_one_artifact(name: str, tmp_path: Path
     for artifact in artifacts:
         raw = torch.load(artifact, map_location="cpu", weights_only=True)
         art = load_artifact(artifact)
-        assert raw["architecture"] == art["architecture"]
+        assert raw["architecture"] == art.architecture.to_dict()
         pruned = build_model(art).eval()
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():

@@ -51,9 +51,9 @@ def test_target_b_on_resnet56_gives_paper_widths_and_flops(resnet56) -> None:
     keeps = cb.select(resnet56)
     assert _widths(keeps) == RESNET56_B == get_width_config("cifar_resnet56", "B")
     art = cb.prune(resnet56)
-    assert art["architecture"] == {"name": "cifar_resnet56", "kwargs": {"cfg": RESNET56_B}}
-    assert art["flops"]["ratio"] == pytest.approx(1.379, rel=0.01)
-    assert art["provenance"]["method"] == "l1_norm" and art["provenance"]["settings"]["target"] == "B"
+    assert art.architecture.to_dict() == {"name": "cifar_resnet56", "kwargs": {"cfg": RESNET56_B}}
+    assert art.flops.ratio == pytest.approx(1.379, rel=0.01)
+    assert art.provenance.method == "l1_norm" and art.provenance.settings["target"] == "B"
     assert cb.written is None  # artifact_path=None writes nothing
     # the live model is untouched: export prunes a copy
     assert [b.width for b in resnet56.blocks()] == [16] * 9 + [32] * 9 + [64] * 9
@@ -147,7 +147,7 @@ def test_keeps_the_largest_l1_filters() -> None:
     assert _widths(keeps) == [16] * 3 + [32, 5, 32] + [64] * 3  # layers not named stay whole
     # the exported weights are exactly those filters, in their original order
     art = cb.prune(model)
-    torch.testing.assert_close(art["state_dict"]["layer2.1.conv1.weight"], original[expected])
+    torch.testing.assert_close(art.state_dict["layer2.1.conv1.weight"], original[expected])
 
 
 def test_l2_criterion_can_disagree_with_l1() -> None:
@@ -166,7 +166,7 @@ def test_l2_criterion_can_disagree_with_l1() -> None:
 def test_branch_may_vanish_and_floor_keeps_it() -> None:
     model = create_model("cifar_resnet20", cfg=CFG20)
     art = L1FilterPruning(keep={"layer1.0.conv1": 0}, artifact_path=None).prune(model)
-    assert art["architecture"]["kwargs"]["cfg"] == [0] + CFG20[1:]
+    assert art.architecture.kwargs["cfg"] == [0] + CFG20[1:]
     floored = L1FilterPruning(keep={"layer1.0.conv1": 0}, floor=1, artifact_path=None).select(model)
     assert _widths(floored)[0] == 1
 
@@ -306,7 +306,7 @@ def test_ddp_two_processes_write_one_artifact_with_rank0_decisions(tmp_path: Pat
     assert [p.name for p in artifacts] == ["pruned.pt"], artifacts
     assert not list(run.rglob("*.tmp"))
     art = load_artifact(artifacts[0])
-    assert art["architecture"]["kwargs"]["cfg"] == [2, 2, 2, 4, 4, 4, 8, 8, 8]
+    assert art.architecture.kwargs["cfg"] == [2, 2, 2, 4, 4, 4, 8, 8, 8]
 
     r = [{n: torch.load(out / f"{n}_rank{i}.pt", weights_only=True) for n in ("masks", "proposed", "final")}
          for i in (0, 1)]
@@ -322,4 +322,4 @@ def test_ddp_two_processes_write_one_artifact_with_rank0_decisions(tmp_path: Pat
     for rank in r:
         assert all(torch.equal(rank["final"]["keeps"][n], k) for n, k in r[0]["proposed"].items())
     # the artifact is rank 0's selection
-    assert art["architecture"]["kwargs"]["cfg"] == _widths(r[0]["proposed"])
+    assert art.architecture.kwargs["cfg"] == _widths(r[0]["proposed"])

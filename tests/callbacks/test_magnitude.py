@@ -321,7 +321,7 @@ def test_resume_keeps_theta0_masks_and_schedule(tmp_path: Path, tiny_data) -> No
     assert _leaked(resumed.model, second.masks) == 0
     # the artifact written at the end carries the true theta_0
     art = load_artifact(second.written)
-    assert all(torch.equal(art["init_state"][k], v) for k, v in theta0.items())
+    assert all(torch.equal(art.init_state[k], v) for k, v in theta0.items())
 
 
 # ---- the artifact --------------------------------------------------------------------------------
@@ -339,32 +339,32 @@ def test_one_shot_artifact_is_masked_full_size_and_leaves_the_live_model(tmp_pat
     art = load_artifact(path)
 
     # full size, every conv masked, weights zero exactly where masked and the trained values elsewhere
-    assert art["architecture"] == {"name": "cifar_resnet20", "kwargs": {"cfg": CFG20, "num_classes": 10}}
-    assert set(art["masks"]) == {f"{n}.weight" for n in _convs(live)}
+    assert art.architecture.to_dict() == {"name": "cifar_resnet20", "kwargs": {"cfg": CFG20, "num_classes": 10}}
+    assert set(art.masks) == {f"{n}.weight" for n in _convs(live)}
     state = live.state_dict()
-    for name, m in art["masks"].items():
-        w = art["state_dict"][name]
+    for name, m in art.masks.items():
+        w = art.state_dict[name]
         assert w.shape == state[name].shape and m.shape == w.shape
         assert not w[~m].any() and torch.equal(w[m], state[name][m]), name
-    assert art["provenance"]["method"] == "magnitude" and art["provenance"]["settings"]["amount"] == 0.75
+    assert art.provenance.method == "magnitude" and art.provenance.settings["amount"] == 0.75
     # the live model was not pruned: the stage's own test accuracy is the unpruned model's
     assert _conv_sparsity(live) == 0.0
-    assert all(torch.equal(cb.masks[k], m) for k, m in art["masks"].items())
+    assert all(torch.equal(cb.masks[k], m) for k, m in art.masks.items())
 
     # FLOPs: dense counts every weight, pruned only the non-zero ones; per-layer 75% -> conv MACs / 4
     dense, nz = count_flops(live), count_flops(build_model(art), nonzero=True)
-    assert art["flops"]["dense"] == {"macs": dense.macs, "params": dense.params}
-    assert art["flops"]["pruned"]["macs"] == nz.macs
-    assert art["flops"]["ratio"] == pytest.approx(dense.macs / nz.macs) and art["flops"]["ratio"] > 2.5
+    assert art.flops.dense.to_dict() == {"macs": dense.macs, "params": dense.params}
+    assert art.flops.pruned.macs == nz.macs
+    assert art.flops.ratio == pytest.approx(dense.macs / nz.macs) and art.flops.ratio > 2.5
     conv_dense = sum(layer.macs for layer in dense.layers if layer.type == "Conv2d")
     conv_nz = sum(layer.macs for layer in nz.layers if layer.type == "Conv2d")
     assert conv_dense / conv_nz == pytest.approx(1 / (1 - 0.75), rel=0.01)
     # theta_0 present with keep_init, and it is the initialisation
-    assert all(torch.equal(art["init_state"][k], v) for k, v in theta0.items())
+    assert all(torch.equal(art.init_state[k], v) for k, v in theta0.items())
 
     # without keep_init no theta_0 is written (pruning a trained model outside a Trainer)
     plain = MagnitudePruning(amount=0.75, artifact_path=None).prune(live)
-    assert plain["init_state"] is None and plain["masks"]
+    assert plain.init_state is None and plain.masks
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -476,5 +476,5 @@ def test_ddp_two_processes_hold_rank0_masks_and_write_one_artifact(tmp_path: Pat
         assert all(torch.equal(r["final"][k], m) for k, m in p0.items())
         assert r["leaked"] == 0 and r["steps"] == 4  # 64 samples / 2 ranks / 16 per batch, 2 epochs
     art = load_artifact(next(run.rglob("pruned.pt")))
-    assert all(torch.equal(art["masks"][k], m) for k, m in p0.items())
+    assert all(torch.equal(art.masks[k], m) for k, m in p0.items())
     assert 1 - sum(int(m.sum()) for m in p0.values()) / sum(m.numel() for m in p0.values()) == pytest.approx(0.5)

@@ -292,7 +292,7 @@ def test_small_export_equals_bn_masked_variant_with_random_bn(tmp_path: Path) ->
     randomize_bn(model)
     cb = SoftFilterPruning(prune_ratio=0.5)
     art = cb.prune(model, path=str(tmp_path / "small.pt"))  # the lit_prune.prune CLI path
-    assert art["architecture"]["kwargs"]["cfg"] == [8] * 3 + [16] * 3 + [32] * 3
+    assert art.architecture.kwargs["cfg"] == [8] * 3 + [16] * 3 + [32] * 3
     assert (tmp_path / "sfp-masked.pt").is_file() and load_artifact(tmp_path / "small.pt") is not None
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -501,7 +501,7 @@ def test_ddp_two_processes_agree_on_masks_and_write_one_pair(tmp_path: Path) -> 
     assert r0["leaked"] == r1["leaked"] == 0
     # the artifacts carry that selection
     masked = load_artifact(next(run.rglob("sfp-masked.pt")))
-    assert all(torch.equal(masked["masks"][k], m) for k, m in r0["final"].items())
+    assert all(torch.equal(masked.masks[k], m) for k, m in r0["final"].items())
     small = load_artifact(next(run.rglob("pruned.pt")))
-    assert small["architecture"]["kwargs"]["cfg"] == SMALL_CFG20
+    assert small.architecture.kwargs["cfg"] == SMALL_CFG20
 

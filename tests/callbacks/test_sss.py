@@ -114,9 +114,9 @@ def test_large_penalty_zeroes_factors_and_export_drops_the_blocks(tmp_path: Path
     assert trainer.callback_metrics["sss/lambda/layer2.0"] == 0.0
 
     art = load_artifact(tmp_path / "sss.pt")
-    assert art["architecture"]["kwargs"] == {"cfg": [0] * 9, "num_classes": 10}  # ungated, every branch gone
-    assert art["provenance"]["method"] == "sss" and art["provenance"]["settings"]["gamma"] == 4.0
-    assert art["flops"]["dense"]["params"] == sum(p.numel() for p in module.parameters()) - 9  # without gates
+    assert art.architecture.kwargs == {"cfg": [0] * 9, "num_classes": 10}  # ungated, every branch gone
+    assert art.provenance.method == "sss" and art.provenance.settings["gamma"] == 4.0
+    assert art.flops.dense.params == sum(p.numel() for p in module.parameters()) - 9  # without gates
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "sss.pt")(x), module.model.eval()(x), rtol=1e-4, atol=1e-5)
@@ -153,9 +153,9 @@ def test_export_removes_zero_blocks_folds_the_rest_and_equals_the_gated_model(fa
     assert {k.rsplit(".", 1)[0] for k in keeps} == set(zero) and not any(k.any() for k in keeps.values())
 
     art = cb.prune(model)
-    assert {k: v for k, v in art["architecture"]["kwargs"].items() if k != "num_classes"} == expected
-    assert not any("gate" in k for k in art["state_dict"])
-    assert art["flops"]["ratio"] > 1
+    assert {k: v for k, v in art.architecture.kwargs.items() if k != "num_classes"} == expected
+    assert not any("gate" in k for k in art.state_dict)
+    assert art.flops.ratio > 1
     pruned = load_model(tmp_path / "p.pt")
     x = torch.randn(2, 3, side, side)
     with torch.no_grad():
@@ -177,10 +177,10 @@ def test_no_zero_factor_exports_the_folded_full_model(tmp_path: Path) -> None:
     cb = SparseStructureSelection(artifact_path=None)
     assert cb.pruner.keeps(model) == {}
     art = cb.prune(model)
-    assert art["architecture"]["kwargs"] == {"cfg": CFG20}
-    assert art["flops"]["ratio"] == pytest.approx(1.0)
+    assert art.architecture.kwargs == {"cfg": CFG20}
+    assert art.flops.ratio == pytest.approx(1.0)
     pruned = create_model("cifar_resnet20", cfg=CFG20).eval()
-    pruned.load_state_dict(art["state_dict"])
+    pruned.load_state_dict(art.state_dict)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-5)
@@ -194,7 +194,7 @@ def test_removing_every_block_warns_that_gamma_is_too_large() -> None:
     cb = SparseStructureSelection(artifact_path=None)
     with pytest.warns(UserWarning, match="removes every one of the 9 residual blocks.*gamma"):
         art = cb.prune(model)
-    assert art["architecture"]["kwargs"]["cfg"] == [0] * 9
+    assert art.architecture.kwargs["cfg"] == [0] * 9
 
 
 # ---- resume ---------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def test_ddp_two_processes_end_with_identical_factors_and_write_one_artifact(tmp
     assert all(torch.equal(g.weight.detach(), ranks[0]["lambdas"][p]) for p, g in block_gates(trained).items())
     expected = SparseStructureSelection(artifact_path=None).prune(trained)
     art = load_artifact(artifacts[0])
-    assert art["architecture"] == expected["architecture"]
+    assert art.architecture == expected.architecture
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_model(artifacts[0])(x), trained(x), rtol=1e-4, atol=1e-5)

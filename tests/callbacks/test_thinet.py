@@ -102,9 +102,9 @@ def test_prune_without_trainer_records_the_sampling_and_leaves_the_model_alone()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cb = ThiNetPruning(prune_ratio=0.5, num_images=24, positions_per_image=5, seed=3, artifact_path=None)
     art = cb.prune(model, dataloader=_loader())
-    assert art["architecture"]["kwargs"]["cfg"] == HALF
+    assert art.architecture.kwargs["cfg"] == HALF
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    settings = art["provenance"]["settings"]
+    settings = art.provenance.settings
     assert (settings["seed"], settings["num_images"], settings["positions_per_image"]) == (3, 24, 5)
     layers = settings["layer_results"]
     assert [r["layer"] for r in layers] == [n for n, _ in cb.pruner.plan(model)]
@@ -113,7 +113,7 @@ def test_prune_without_trainer_records_the_sampling_and_leaves_the_model_alone()
     # same seed, same decision
     again = ThiNetPruning(prune_ratio=0.5, num_images=24, positions_per_image=5, seed=3, artifact_path=None)
     art2 = again.prune(model, dataloader=_loader())
-    assert all(torch.equal(art["state_dict"][k], v) for k, v in art2["state_dict"].items())
+    assert all(torch.equal(art.state_dict[k], v) for k, v in art2.state_dict.items())
 
 
 def _learnable(n: int = 64) -> DataLoader:
@@ -144,7 +144,7 @@ def test_fine_tuning_between_layers_lowers_the_loss_and_feeds_the_next_layer(cls
     assert tuned_loss < plain_loss
     assert all("finetune_loss_first" not in r for r in plain)
     assert all(r["finetune_loss_last"] < r["finetune_loss_first"] for r in tuned)
-    assert tuned_art["provenance"]["settings"]["finetune_steps"] == 12
+    assert tuned_art.provenance.settings["finetune_steps"] == 12
     # the first layer's decision is the same; the second one reads the fine-tuned network
     assert plain[0]["error_reconstructed"] == tuned[0]["error_reconstructed"]
     assert plain[1]["error_removed"] != tuned[1]["error_removed"]
@@ -166,7 +166,7 @@ def test_a_residual_branch_pruned_to_zero_vanishes() -> None:
     model = create_model("cifar_resnet20", cfg=[4, 4, 4, 8, 8, 8, 16, 16, 16]).eval()
     cb = ThiNetPruning(prune_ratio={"layer1.0.*": 0.9, "*": 0.5}, num_images=16, artifact_path=None)
     art = cb.prune(model, dataloader=_loader(16))
-    assert art["architecture"]["kwargs"]["cfg"] == [0, 2, 2, 4, 4, 4, 8, 8, 8]
+    assert art.architecture.kwargs["cfg"] == [0, 2, 2, 4, 4, 4, 8, 8, 8]
     assert [r["layer"] for r in cb.results][0] == "layer1.1.conv1"  # the vanished branch needs no refit
     assert build_model(art)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -218,8 +218,8 @@ def test_prune_cli_passes_the_datamodule_to_a_data_driven_method(tmp_path: Path,
                      "--out", str(out)])
     assert rc == 0
     art = load_artifact(out)
-    assert art["architecture"]["kwargs"]["cfg"] == HALF
-    assert art["provenance"]["source"] == str(weights)
+    assert art.architecture.kwargs["cfg"] == HALF
+    assert art.provenance.source == str(weights)
 
 
 def test_prune_cli_asks_for_data(tmp_path: Path, capsys) -> None:
@@ -310,6 +310,6 @@ def test_ddp_ranks_share_statistics_and_write_one_artifact(tmp_path: Path) -> No
     artifacts = sorted(run.rglob("*.pt"))
     assert [p.name for p in artifacts] == ["pruned.pt"], artifacts
     art = load_artifact(artifacts[0])
-    assert art["architecture"]["kwargs"]["cfg"] == HALF
-    assert art["provenance"]["settings"]["num_images"] == 32
-    assert all("finetune_loss_last" in r for r in art["provenance"]["settings"]["layer_results"])
+    assert art.architecture.kwargs["cfg"] == HALF
+    assert art.provenance.settings["num_images"] == 32
+    assert all("finetune_loss_last" in r for r in art.provenance.settings["layer_results"])

@@ -60,9 +60,9 @@ def test_l1_target_artifact_measures_the_same_ratio(name, target) -> None:
     """The ratio Scratch-B reads from the artifact of a real prune equals the width config's."""
     torch.manual_seed(0)
     art = L1FilterPruning(target=target, artifact_path=None).prune(create_model(name).eval())
-    assert art["flops"]["ratio"] == pytest.approx(measured_ratio(name, target), rel=1e-9)
+    assert art.flops.ratio == pytest.approx(measured_ratio(name, target), rel=1e-9)
     expected = {("cifar_vgg16", "A"): 243, ("cifar_resnet56", "B"): 220}[(name, target)]
-    assert scratch_b_budget(160, art["flops"]["ratio"]).epochs == expected
+    assert scratch_b_budget(160, art.flops.ratio).epochs == expected
 
 
 @pytest.mark.parametrize("name,target,epochs", [("cifar_resnet56", "A", 178), ("cifar_resnet110", "A", 190),
@@ -72,7 +72,7 @@ def test_l1_target_artifacts_of_the_other_models(name, target, epochs) -> None:
     torch.manual_seed(0)
     art = L1FilterPruning(target=target, artifact_path=None).prune(create_model(name).eval())
     imagenet = name == "resnet34"
-    budget = scratch_b_budget(90 if imagenet else 160, art["flops"]["ratio"],
+    budget = scratch_b_budget(90 if imagenet else 160, art.flops.ratio,
                               rule="thirds" if imagenet else "fractions", cap=2.0 if imagenet else None)
     assert budget.epochs == epochs
 

@@ -369,7 +369,7 @@ def test_slimming_vgg11_bn_prunes_bn1d_end_to_end(tmp_path: Path) -> None:
 
     # one global threshold over the 64 conv channels and the 32 hidden FC units
     assert sum(int((~k).sum()) for k in keeps.values()) == int(96 * 0.5) + 1
-    new_cfg = art["architecture"]["kwargs"]["cfg"]
+    new_cfg = art.architecture.kwargs["cfg"]
     assert new_cfg[-2:] == [int(keeps["classifier.0"].sum()), int(keeps["classifier.3"].sum())]
     assert new_cfg[-2:] != [16, 16]  # the BN1d units are pruned too
     conv_keeps = [int(k.sum()) for name, k in keeps.items() if name.startswith("features.")]
@@ -385,13 +385,13 @@ def test_slimming_vgg11_bn_prunes_bn1d_end_to_end(tmp_path: Path) -> None:
         torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
 
     # the artifact's ratio is measured at 224 and drives Scratch-B (ImageNet slimming: int(90 r), no cap)
-    raw = load_artifact(path)
+    loaded = load_artifact(path)
     r = count_flops(create_model("slim_vgg11_bn", cfg=cfg, num_classes=10)).macs / count_flops(pruned).macs
-    assert raw["flops"]["ratio"] == pytest.approx(r) and r > 1
+    assert loaded.flops.ratio == pytest.approx(r) and r > 1
     assert scratch_b_budget(90, r, rule="thirds").epochs == int(90 * r)
 
     # Scratch-E/B build the small model fresh, with the family's init (BN and BN1d gamma 0.5)
     module = ImageClassifier(artifact=str(path), regime="scratch", num_classes=10)
-    assert architecture(module.model) == raw["architecture"]
+    assert architecture(module.model) == loaded.architecture.to_dict()
     bns = [m for m in module.model.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d))]
     assert len(bns) == 10 and all(torch.all(m.weight == 0.5) for m in bns)

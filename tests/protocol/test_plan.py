@@ -106,6 +106,7 @@ def _scratch_b_of(tmp_path: Path, monkeypatch, convention: str, dense_macs: int 
     """Scratch-B of a planned tiny experiment (160 epochs) whose artifact is VGG-19 slimmed at 70%."""
     from lit_prune.artifact import make_artifact, save_artifact
     from lit_prune.core.flops import count_flops
+    from lit_prune.methods.state import Counts
     from lit_prune.models import create_model
 
     monkeypatch.chdir(REPO)
@@ -119,7 +120,7 @@ def _scratch_b_of(tmp_path: Path, monkeypatch, convention: str, dense_macs: int 
     stage = next(s for s in protocol.plan() if s.kind == "scratch_b")
     dense = count_flops(create_model("slim_vgg19"))
     art = make_artifact(create_model("slim_vgg19", cfg=_SLIM70), method="test",
-                        dense={"macs": dense.macs if dense_macs is None else dense_macs, "params": dense.params})
+                        dense=Counts(macs=dense.macs if dense_macs is None else dense_macs, params=dense.params))
     save_artifact(art, RunLayout(tmp_path / "out").artifact(0, "p70"))
     return protocol.scratch_b(stage)
 

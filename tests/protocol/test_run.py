@@ -130,9 +130,9 @@ def test_results_json_matches_the_stage_metrics(tiny_run) -> None:
         assert r["epochs"] == sorted({m["max_epochs"] for m in per_seed})
         assert r["macs"] == per_seed[0]["macs"]
         assert r["wall_time_s"] == pytest.approx(statistics.fmean(m["wall_time_s"] for m in per_seed))
-    flops = load_artifact(out / "seed0" / "l1" / "prune" / "pruned.pt")["flops"]
-    assert saved["variants"]["l1"]["flops"] == flops
-    assert rows["pruned"]["macs"] == rows["finetune"]["macs"] == flops["pruned"]["macs"] < rows["unpruned"]["macs"]
+    flops = load_artifact(out / "seed0" / "l1" / "prune" / "pruned.pt").flops
+    assert saved["variants"]["l1"]["flops"] == flops.to_dict()
+    assert rows["pruned"]["macs"] == rows["finetune"]["macs"] == flops.pruned.macs < rows["unpruned"]["macs"]
 
 
 def test_plot_and_tensorboard_runs_exist(tiny_run) -> None:
@@ -149,7 +149,7 @@ def test_scratch_b_trains_int_e_times_r_epochs(tiny_run) -> None:
     out = tiny_run["out"]
     epochs = 1  # TINY_ARGS
     for seed in SEEDS:
-        r = load_artifact(out / f"seed{seed}" / "l1" / "prune" / "pruned.pt")["flops"]["ratio"]
+        r = load_artifact(out / f"seed{seed}" / "l1" / "prune" / "pruned.pt").flops.ratio
         m = _metrics(out, seed, "scratch_b")
         assert r > 1.5  # 30% of the filters of every layer: about 2x fewer MACs
         assert m["max_epochs"] == m["epochs"] == int(epochs * r) >= 2
@@ -165,14 +165,14 @@ def test_every_retrained_model_is_a_loadable_artifact(tiny_run) -> None:
         for stage in ("pruned", "finetune", "scratch_e", "scratch_b"):
             path = out / f"seed{seed}" / "l1" / stage / "model.pt"
             raw = torch.load(path, map_location="cpu", weights_only=True)
-            assert raw["architecture"] == pruned["architecture"], (seed, stage)
+            assert raw["architecture"] == pruned.architecture.to_dict(), (seed, stage)
             model = build_model(load_artifact(path)).eval()
             assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
         # the weights moved in training and the artifact holds them
         ft = torch.load(out / f"seed{seed}" / "l1" / "finetune" / "model.pt", weights_only=True)["state_dict"]
-        assert any(not torch.equal(v, pruned["state_dict"][k]) for k, v in ft.items())
+        assert any(not torch.equal(v, pruned.state_dict[k]) for k, v in ft.items())
         large = torch.load(out / f"seed{seed}" / "large" / "model.pt", weights_only=True)
-        assert large["flops"]["pruned"]["macs"] == pruned["flops"]["dense"]["macs"]
+        assert large["flops"]["pruned"]["macs"] == pruned.flops.dense.macs
 
 
 def test_the_directory_records_its_config_and_hash(tiny_run) -> None:
@@ -377,7 +377,7 @@ def test_variant_from_training_adopts_the_artifact_the_large_run_wrote(tmp_path:
     written = sorted((out / "tb" / "large" / "seed0").rglob("sfp-masked.pt"))
     adopted = out / "seed0" / "sfp" / "prune" / "pruned.pt"
     assert len(written) == 1 and adopted.read_bytes() == written[0].read_bytes()
-    assert load_artifact(adopted)["provenance"]["method"] == "sfp"
+    assert load_artifact(adopted).provenance.method == "sfp"
     assert json.loads((out / "seed0" / "sfp" / "scratch_e" / "metrics.json").read_text())["epochs"] == 1
 
 

@@ -68,5 +68,5 @@ def test_retraining_stage_under_ddp_writes_one_metrics_file_and_one_model(tmp_pa
     assert metrics["world_size"] == 2 and metrics["epochs"] == 1 and metrics["regime"] == "scratch"
     assert 0.0 <= metrics["acc1"] <= 1.0
     art = load_artifact(stage / "model.pt")
-    assert art["architecture"] == load_artifact(artifact)["architecture"]
+    assert art.architecture == load_artifact(artifact).architecture
     assert (stage / "checkpoints" / "last.ckpt").is_file()

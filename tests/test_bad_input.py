@@ -62,13 +62,16 @@ def test_milestones_must_increase_and_late_ones_are_reported(caplog) -> None:
     assert "[150] are not before max_epochs 100" in caplog.text
 
 
-def test_overlapping_layer_patterns_with_different_ratios_are_refused() -> None:
+def test_a_layer_pattern_shadowed_by_an_earlier_one_is_refused() -> None:
     model = _resnet20()
     groups = [g for g in channel_groups(model) if g.conv is not None]
-    with pytest.raises(ValueError, match=r"'layer1\.0\.conv1' matches several prune_ratio patterns"):
+    with pytest.raises(ValueError, match=r"prune_ratio pattern 'layer1\.0\.\*' never applies.*\['layer1\.\*'\]"):
         WidthPlan(prune_ratio={"layer1.*": 0.5, "layer1.0.*": 0.2}).counts(model, groups)
-    # the same value twice is no ambiguity
-    WidthPlan(prune_ratio={"layer1.*": 0.5, "layer1.0.*": 0.5}).counts(model, groups)
+    with pytest.raises(ValueError, match=r"keep pattern 'layer2\.0\.conv1' never applies"):
+        WidthPlan(keep={"layer2.*": 4, "layer2.0.conv1": 2}).counts(model, groups)
+    # specific first, then a default: the first match wins, every pattern applies somewhere
+    counts = WidthPlan(prune_ratio={"layer1.0.*": 0.75, "*": 0.5}).counts(model, groups)
+    assert counts["layer1.0.conv1"] == 1 and counts["layer1.1.conv1"] == 2
 
 
 def test_a_run_that_trains_no_batch_fails_instead_of_writing_no_artifact(tmp_path: Path, tiny_data) -> None:

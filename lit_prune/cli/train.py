@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from lit_prune.callbacks.progress import EpochProgress
 from lit_prune.module import ImageClassifier
 
 
@@ -28,8 +29,9 @@ class LRMonitor(LearningRateMonitor):
 class LitPruneCLI(LightningCLI):
     """LightningCLI with the standard callbacks kept out of ``trainer.callbacks``.
 
-    Checkpointing and LR monitoring are their own config groups (``checkpoint``, ``lr_monitor``), so a
-    method config that sets ``trainer.callbacks`` cannot erase them by replacing the list.
+    Checkpointing, LR monitoring and the per-epoch progress line are their own config groups (``checkpoint``,
+    ``lr_monitor``, ``progress``), so a method config that sets ``trainer.callbacks`` cannot erase them by
+    replacing the list.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -38,6 +40,7 @@ class LitPruneCLI(LightningCLI):
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(LRMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
+        parser.add_lightning_class_args(EpochProgress, "progress")  # one line per epoch, in logs and the runner
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
 

@@ -90,7 +90,7 @@ class WidthPlan:
             check_patterns(list(self.keep), names, "keep")
         for what, mapping in (("prune_ratio", self.prune_ratio), ("keep", self.keep)):
             if isinstance(mapping, Mapping):
-                _check_overlaps(names, mapping, what)
+                _check_shadowed(names, mapping, what)
         sizes = target_group_sizes(model, self.target) if self.target is not None else None
         counts = {}
         for g in groups:
@@ -113,10 +113,16 @@ class WidthPlan:
         return int(size * (1 - ratio_for(name, self.prune_ratio, default=0.0)))
 
 
-def _check_overlaps(names: Sequence[str], mapping: Mapping[str, Any], what: str) -> None:
-    """Refuse a layer that two patterns give different values: the first match would win silently."""
-    for name in names:
-        hits = {p: v for p, v in mapping.items() if matches_any(name, [p])}
-        if len(set(hits.values())) > 1:
-            raise ValueError(f"{name!r} matches several {what} patterns with different values ({hits}); make the "
-                             "patterns disjoint or give them the same value")
+def _check_shadowed(names: Sequence[str], mapping: Mapping[str, Any], what: str) -> None:
+    """Refuse a pattern that never applies because earlier patterns take every layer it matches.
+
+    The first matching pattern wins, so ``{"layer1.0.*": 0.2, "*": 0.5}`` (specific first, then a default) is
+    fine, while ``{"layer1.*": 0.5, "layer1.0.*": 0.2}`` would silently never use its second value.
+    """
+    patterns = list(mapping)
+    for i, p in enumerate(patterns):
+        matched = [n for n in names if matches_any(n, [p])]
+        if matched and all(matches_any(n, patterns[:i]) for n in matched):
+            earlier = [q for q in patterns[:i] if any(matches_any(n, [q]) for n in matched)]
+            raise ValueError(f"{what} pattern {p!r} never applies: the earlier pattern(s) {earlier} take every layer "
+                             "it matches (the first matching pattern wins); put the more specific pattern first")

@@ -45,6 +45,10 @@ from lit_prune.protocol.lock import (
 )
 from lit_prune.protocol.plan import Planner, ScratchB, Stage
 
+#: how a stage's per-epoch progress lines start (lit_prune.callbacks.progress.PREFIX; not imported from there,
+#: since the runner loads no Lightning)
+PROGRESS_PREFIX = "epoch "
+
 #: how long a runner waits for a stage still held by the process of an earlier runner (one that was
 #: killed: its stage got SIGTERM from the kernel, and Lightning stops it after the current batch)
 STAGE_LOCK_WAIT = 120.0
@@ -317,11 +321,16 @@ class Protocol:
                 if lock is not None:
                     lock.update(holder_info(pid=proc.pid, runner_pid=os.getpid(), stage=st.label,
                                             command=st.command))
+                echo = _ProgressEcho(log_path) if not verbose else None
                 while proc.poll() is None and self._interrupted is None:
                     try:
                         proc.wait(timeout=0.5)
                     except subprocess.TimeoutExpired:
                         pass
+                    if echo is not None:
+                        echo.poll()
+                if echo is not None:
+                    echo.poll()
             finally:
                 if proc is not None:
                     # what is left of the group (the ranks of a DDP stage, a signal's target) ends here;
@@ -337,3 +346,24 @@ class Protocol:
             tail = "" if verbose else "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
             raise ExperimentError(f"stage '{st.label}' failed (exit {proc.returncode}); log: {log_path}\n{tail}\n"
                                   f"command: {shlex.join(st.command)}")
+
+
+class _ProgressEcho:
+    """Prints, indented under the stage's line, the per-epoch progress lines a stage appends to its log."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.path, self.offset, self.partial = log_path, log_path.stat().st_size if log_path.exists() else 0, b""
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(PROGRESS_PREFIX):
+                print(f"    {line}", flush=True)

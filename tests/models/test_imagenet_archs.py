@@ -363,7 +363,8 @@ def test_slimming_vgg11_bn_prunes_bn1d_end_to_end(tmp_path: Path) -> None:
     model = create_model("slim_vgg11_bn", cfg=cfg, num_classes=10).eval()
     randomize_bn(model)
     path = tmp_path / "vgg11_50.pt"
-    cb = NetworkSlimming(sparsity=1e-5, prune_ratio=0.5, include_bn1d=True, artifact_path=str(path))
+    cb = NetworkSlimming(sparsity=1e-5, prune_ratio=0.5, include_bn1d=True, artifact_path=str(path),
+                         threshold="reference")  # the paper config's rule: int(96 * 0.5) + 1 go
     keeps = cb.select(model)
     art = cb.prune(model)
 

@@ -8,10 +8,5 @@ import sys
 
 from lit_prune.cli.prune import main
 
-# Transition: these lived here before the CLI/library split; new code imports them from lit_prune.sources.
-from lit_prune.sources import load_datamodule, load_method, load_source, predefined_artifact
-
-__all__ = ["load_datamodule", "load_method", "load_source", "main", "predefined_artifact"]
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,19 +12,3 @@ only import the ``main`` of their implementation. What a command does lives in t
 
 Importing this package imports neither Lightning nor torch, so a command's ``--help`` can stay cheap.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-# Transition: ``lit_prune.cli`` was train.py's LightningCLI module; its names stay importable from here
-# (lazily, so that this package does not import Lightning). New code imports ``lit_prune.cli.train``.
-_TRAIN_NAMES = ("LRMonitor", "LitPruneCLI", "main")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _TRAIN_NAMES:
-        from lit_prune.cli import train
-
-        return getattr(train, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -116,7 +116,7 @@ def run_process(cmd: list[str], cwd: Path, env: Mapping[str, str], timeout: floa
 def execute_in_process(self: Any, st: Any, verbose: bool) -> None:
     """Stand-in for ``lit_prune.rethink.Protocol._execute``: the stage's command, without a new Python process."""
     from lit_prune.cli.prune import main as prune_main
-    from lit_prune.stage import run_stage
+    from lit_prune.protocol.stage import run_stage
 
     assert st.command[:2] == [sys.executable, "-m"], st.command
     module, args = st.command[2], st.command[3:]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from lit_prune.core.budget import scratch_b_budget
 from lit_prune.core.flops import count_flops
 from lit_prune.models import architecture, create_model, get_width_config
 from lit_prune.module import ImageClassifier
+from tests.helpers import REPO
 
 
 def test_flops_json_reports_macs_and_params(capsys):
@@ -135,3 +138,13 @@ def test_prune_cli_width_config_errors(tmp_path, capsys):
     assert prune.main(["--arch", "cifar_resnet56", "--width-config", "Z", "--out", out]) == 2
     assert "no width config named 'Z' (known: A, B)" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["lit_prune.stage", "lit_prune.rethink", "lit_prune.prune", "lit_prune.flops"])
+def test_help_prints_without_loading_torch(command: str) -> None:
+    """--help answers at once: nothing heavy (torch, Lightning) is imported before the arguments parse."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", command, "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "pytorch_lightning", "lightning"}, sorted(imported & {"torch", "pytorch_lightning"})

@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lit_prune.artifact import build_model, load_artifact
 from lit_prune.core.budget import RULES, scratch_b_budget
-from lit_prune.core.flops import FlopsReport, count_flops, macs_ratio
-from lit_prune.models import create_model, list_models, list_width_configs
+
+# The counter, the zoo and artifacts (torch) are imported in main(), once the arguments parse: --help stays cheap.
 
 
 def _parse_cfg(text: str | None) -> Any:
@@ -32,7 +31,7 @@ def _parse_cfg(text: str | None) -> Any:
         return text  # a registered name such as "A"
 
 
-def _table(name: str, report: FlopsReport) -> str:
+def _table(name: str, report: Any) -> str:
     rows = [f"{'layer':<40} {'type':<8} {'output':<16} {'MACs':>15} {'params':>12}"]
     for e in report.layers:
         shape = "x".join(map(str, e.output_shape))
@@ -60,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--base-milestones", type=int, nargs="+", metavar="E",
                         help="the large model's LR milestones (rules scale and multiples)")
     args = parser.parse_args(argv)
+    from lit_prune.artifact import build_model, load_artifact
+    from lit_prune.core.flops import count_flops, macs_ratio
+    from lit_prune.models import create_model, list_models, list_width_configs
 
     if args.list:
         configs = list_width_configs()

@@ -31,9 +31,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from lit_prune.artifact import Artifact, save_artifact
-from lit_prune.sources import load_datamodule, load_method, load_source, predefined_artifact
+if TYPE_CHECKING:
+    from lit_prune.artifact import Artifact
+
+# The library (torch, and Lightning for the methods) is imported once the arguments parse: --help stays cheap.
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                         "config with data:) whose training images data-driven methods (ThiNet, channel pruning) use")
     parser.add_argument("--out", required=True, help="artifact path to write")
     args = parser.parse_args(argv)
+    from lit_prune.artifact import save_artifact
+    from lit_prune.sources import predefined_artifact
     if (args.config is None) == (args.width_config is None):
         parser.error("give exactly one of --config (prune a trained model) and --width-config (a predefined "
                      "architecture, with --arch)")
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prune(args: argparse.Namespace) -> Artifact:
     """Prune the large model named by ``args`` with the method of ``args.config``; returns the artifact."""
+    from lit_prune.sources import load_datamodule, load_method, load_source
+
     method = load_method(args.config)
     if method.needs_data and args.data_config is None:
         raise ValueError(f"{type(method).__name__} samples training images: give --data-config naming the "

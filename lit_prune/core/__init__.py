@@ -1,5 +1,5 @@
-"""Plain-PyTorch pruning machinery (no Lightning import): counting, init, masks, surgery, budgets."""
+"""Plain-PyTorch pruning machinery (no Lightning import): counting, init, masks, surgery, budgets.
 
-from lit_prune.core.flops import FlopsReport, LayerCount, count_flops, flops_ratio
-
-__all__ = ["FlopsReport", "LayerCount", "count_flops", "flops_ratio"]
+Import the modules themselves (``lit_prune.core.flops``, ``lit_prune.core.budget``, ...): this package
+imports none of them, so that a light one (the Scratch-B budget, the LR schedule) does not load torch.
+"""

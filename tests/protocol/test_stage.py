@@ -14,7 +14,7 @@ import torch
 from callbacks import L1FilterPruning
 from lit_prune.artifact import load_artifact
 from lit_prune.models import create_model
-from lit_prune.stage import run_stage
+from lit_prune.protocol.stage import run_stage
 from tests.helpers import clean_env, run_process
 
 REPO = Path(__file__).resolve().parents[2]

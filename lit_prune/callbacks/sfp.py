@@ -1,5 +1,5 @@
 """Soft Filter Pruning (He, Kang, Dong, Fu, Yang, "Soft Filter Pruning for Accelerating Deep Convolutional
-Neural Network Models", IJCAI 2018), as the rethinking paper's reference code runs it (paper-spec 8.1).
+Neural Network Models", IJCAI 2018), as the rethinking paper's reference code runs it (docs/paper-settings.md §8.1).
 
 During training, in every selected conv, the ``int(C_out * prune_ratio)`` filters with the smallest L2
 norm are set to zero: once before the first step, then after every ``interval``-th epoch and after the
@@ -30,7 +30,7 @@ At the end of training two artifacts are written (paths relative to the trainer'
 
 * ``masked_artifact_path`` (``sfp-masked.pt``): the paper's result, the full-size network with its
   zero filters, carrying the filter masks. Its FLOPs count non-zero weights only (only output filters
-  are zero, so this understates the saving, as the reference's Scratch-B ratio does; paper-spec 8.2).
+  are zero, so this understates the saving, as the reference's Scratch-B ratio does; docs/paper-settings.md §8.2).
   Scratch-E/B start from it (``model.artifact: .../sfp-masked.pt``, ``model.regime: scratch``).
 * ``artifact_path`` (``pruned.pt``): a physically smaller model, where the architecture allows it. In the
   CIFAR ResNets only a block's first conv can lose filters (the second one feeds the residual add), so
@@ -269,7 +269,7 @@ class SoftFilterPruning(PruningCallback):
         if self.masked_artifact_path is None:
             return None
         target = Path(self.masked_artifact_path)
-        if trainer is None and path is not None and not target.is_absolute():
+        if path is not None and not target.is_absolute():  # prune() on a trained model: beside its artifact
             return Path(path).parent / target
         return self.resolve_path(trainer, self.masked_artifact_path)
 

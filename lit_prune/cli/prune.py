@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-config", help="YAML naming the datamodule (class_path, init_args; or a training "
                         "config with data:) whose training images data-driven methods (ThiNet, channel pruning) use")
     parser.add_argument("--out", required=True, help="artifact path to write")
+    parser.add_argument("--log-dir", help="write the pruning's TensorBoard run here (FLOPs and parameters before "
+                        "and after, per-layer widths or sparsity); the runner uses <out>/tb/seed<N>/<variant>/prune")
     args = parser.parse_args(argv)
     from lit_prune.artifact import save_artifact
     from lit_prune.sources import predefined_artifact
@@ -92,6 +95,19 @@ def _prune(args: argparse.Namespace) -> Artifact:
         dataloader = load_datamodule(args.data_config).train_dataloader()
     elif args.data_config is not None:
         log.info("%s uses no data: --data-config is ignored", type(method).__name__)
-    return method.prune(model.eval(), path=args.out, source=args.checkpoint or args.weights, init_state=init_state,
-                        dataloader=dataloader)
+    trainer = _logging_trainer(args.log_dir) if args.log_dir else None
+    # an absolute path: with a trainer, a relative one would be resolved against its log directory
+    return method.prune(model.eval(), trainer=trainer, path=str(Path(args.out).resolve()),
+                        source=args.checkpoint or args.weights, init_state=init_state, dataloader=dataloader)
+
+
+def _logging_trainer(log_dir: str):
+    """A one-process Trainer whose only job is to carry a TensorBoard logger writing into ``log_dir``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    where = Path(log_dir)
+    logger = TensorBoardLogger(save_dir=str(where.parent), name="", version=where.name, default_hp_metric=False)
+    return pl.Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
 

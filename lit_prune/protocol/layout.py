@@ -89,16 +89,32 @@ class RunLayout:
         """The stage behind a row of the results table (``unpruned`` is the large model)."""
         return self.large_dir(seed) if row == "unpruned" else self.stage_dir(seed, variant, row)
 
-    def tb_name(self, variant: str | None, kind: str) -> str:
+    def tb_version(self, variant: str | None, kind: str) -> str:
+        """A stage's TensorBoard run inside its seed: named as its folder (``large``, ``B/scratch_b``)."""
         return kind if variant is None else f"{variant}/{kind}"
 
     def tb_run(self, seed: int, variant: str | None, kind: str) -> Path:
-        return self.tb / self.tb_name(variant, kind) / f"seed{seed}"
+        """``tb/seed<N>/large``, ``tb/seed<N>/<variant>/<regime>``: the runs nest as the stage folders do."""
+        return self.tb / f"seed{seed}" / self.tb_version(variant, kind)
+
+    @staticmethod
+    def describe(stage_dir: Path) -> tuple[int, str | None, str]:
+        """``(seed, variant, kind)`` of a stage folder, from its last parts (the inverse of :meth:`stage_dir`).
+
+        Raises:
+            ValueError: ``stage_dir`` does not end in ``seed<N>/<stage>`` or ``seed<N>/<variant>/<stage>``.
+        """
+        parts = Path(stage_dir).parts
+        for depth, variant in ((2, None), (3, parts[-2] if len(parts) >= 3 else None)):
+            if len(parts) >= depth and parts[-depth].startswith("seed") and parts[-depth][4:].lstrip("-").isdigit():
+                return int(parts[-depth][4:]), variant, parts[-1]
+        raise ValueError(f"{stage_dir} is not a stage folder (seed<N>/[<variant>/]<stage>)")
 
     def training_artifact_places(self, seed: int) -> list[Path]:
         """Where the large run's callbacks write their files: the trainer's log directory (the large stage's
-        TensorBoard run), or the stage directory without a logger."""
-        return [self.tb_run(seed, None, LARGE), self.large_dir(seed)]
+        TensorBoard run; ``tb/large/seed<N>`` in runs made before the runs were named as the folders), or the
+        stage directory without a logger."""
+        return [self.tb_run(seed, None, LARGE), self.tb / LARGE / f"seed{seed}", self.large_dir(seed)]
 
     @staticmethod
     def stage_yaml(stage_dir: Path) -> Path:

@@ -5,7 +5,7 @@ retraining) and one stage per regime. A stage's epochs are those of its resolved
 (:meth:`ExperimentConfig.resolve`); a compute-budget regime (Scratch-B) gets its epochs and milestones
 once the variant's artifact exists, from its FLOPs ratio (:meth:`Planner.scratch_b`): the ratio the
 artifact stores (MACs, ``convention: macs``), or with ``convention: reference`` the ratio of the paper's
-reference counters (paper-spec 1.3-1.4), recounted on the artifact's model and on the dense model rebuilt
+reference counters (docs/paper-settings.md §1.3-1.4), recounted on the artifact's model and on the dense model rebuilt
 from the artifact's architecture.
 """
 
@@ -92,10 +92,11 @@ class Planner:
 
     def stage_yaml(self, st: Stage) -> dict[str, Any]:
         """The stage's own config (written beside it before it runs): its TensorBoard run."""
+        # the stage logs its hyper-parameters once, with the final accuracy as hp_metric (protocol/stage.py)
         return {"trainer": {"logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                                       "init_args": {"save_dir": str(self.layout.tb),
-                                                     "name": self.layout.tb_name(st.variant, st.kind),
-                                                     "version": f"seed{st.seed}"}}}}
+                                       "init_args": {"save_dir": str(self.layout.tb), "name": f"seed{st.seed}",
+                                                     "version": self.layout.tb_version(st.variant, st.kind),
+                                                     "default_hp_metric": False}}}}
 
     def large_checkpoint(self, seed: int) -> str:
         return self.config.large.checkpoint or str(self.layout.large_checkpoint(seed))
@@ -153,7 +154,8 @@ class Planner:
             source = [f"--checkpoint={self.large_checkpoint(seed)}"]
         # data-driven methods (ThiNet, channel pruning) sample the base config's training data
         return replace(st, command=[self.python, "-m", "lit_prune.prune", *source, f"--config={v.method}",
-                                    f"--data-config={self.config.base}", f"--out={artifact}"])
+                                    f"--data-config={self.config.base}", f"--out={artifact}",
+                                    f"--log-dir={self.layout.tb_run(seed, v.name, PRUNE)}"])
 
     def _regime(self, seed: int, v: VariantConfig, key: str, regime: RegimeConfig, art: list[str]) -> Stage:
         st = Stage(seed, v.name, key, self.layout.stage_dir(seed, v.name, key))
@@ -208,9 +210,9 @@ class _NoReference(Exception):
 
 
 def reference_ratio(art: Artifact, large_cfg: Any = None, large_arch: str | None = None) -> float:
-    """Scratch-B's r in the reference convention (paper-spec 1.3-1.4): ``FLOPs(large) / FLOPs(pruned)``
+    """Scratch-B's r in the reference convention (docs/paper-settings.md §1.3-1.4): ``FLOPs(large) / FLOPs(pruned)``
     with ``count_flops(..., convention="reference")``, the pruned model after its masks (non-zero conv
-    weights where the artifact has masks, as the paper intends; paper-spec 12.2).
+    weights where the artifact has masks, as the paper intends; docs/paper-settings.md §12.2).
 
     The artifact stores the large model's counts as MACs only, so the large model is rebuilt: the
     artifact's architecture name and its non-width kwargs (num_classes, depth, ...), with the large model's

@@ -14,6 +14,7 @@ retraining). Lightning's DDP launcher re-executes this module on every rank, so 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import warnings
@@ -24,12 +25,13 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_prune.artifact import make_artifact, read_weights, save_artifact
+from lit_prune.artifact import load_artifact, make_artifact, read_weights, save_artifact
 from lit_prune.cli.train import LitPruneCLI
 from lit_prune.core.protocols import is_zoo_model
 from lit_prune.io import atomic_save_json
+from lit_prune.models import architecture
 from lit_prune.module import ImageClassifier
-from lit_prune.protocol.layout import METRICS, MODEL
+from lit_prune.protocol.layout import METRICS, MODEL, RunLayout
 
 
 class StageTimer(pl.Callback):
@@ -86,6 +88,11 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
         cli = LitPruneCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
                           save_config_kwargs={"overwrite": True})
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    # Lightning would log the constructor's hyper-parameters at fit start (the base config's widths, not the
+    # artifact's; hp_metric -1); the stage logs them once, at the end, with what it measured.
+    model._log_hyperparams = False
+    if data is not None:
+        data._log_hyperparams = False
     if weights is not None:
         load_weights_into(model, weights)
     timer = StageTimer()
@@ -115,9 +122,33 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
                                 init_state=model.init_state)
             metrics.update(macs=art.flops.pruned.macs, params=art.flops.pruned.params)
             save_artifact(art, stage / MODEL)
+        _log_hyperparameters(trainer, model, stage, metrics)
         atomic_save_json(metrics, stage / METRICS)
     trainer.strategy.barrier("lit_prune_stage")
     return metrics
+
+
+def _log_hyperparameters(trainer: pl.Trainer, model: ImageClassifier, stage: Path, metrics: dict[str, Any]) -> None:
+    """The stage's hyper-parameters in its TensorBoard run (the HParams tab), with the test accuracy as hp_metric:
+    seed, variant and regime (scratch_e and scratch_b apart) from the stage folder, the widths of the network
+    actually trained, and where it came from."""
+    if trainer.logger is None:
+        return
+    try:
+        seed, variant, kind = RunLayout.describe(stage)
+    except ValueError:  # a stage run by hand outside an experiment directory
+        seed, variant, kind = None, None, stage.name
+    zoo = is_zoo_model(model.model)
+    arch = architecture(model.model) if zoo else {"name": type(model.model).__name__, "kwargs": {}}
+    source = load_artifact(model.hparams.artifact).provenance if model.hparams.artifact else None
+    params = {
+        "seed": seed, "variant": variant or "unpruned", "regime": kind, "start": model.hparams.regime,
+        "method": source.method if source is not None else "none", "arch": arch["name"],
+        "widths": json.dumps(arch["kwargs"].get("cfg")), "lr": model.hparams.lr, "max_epochs": metrics["max_epochs"],
+        "macs": metrics.get("macs"), "params": metrics.get("params"),
+    }
+    trainer.logger.log_hyperparams({k: v for k, v in params.items() if v is not None},
+                                   metrics={"hp_metric": metrics["acc1"]})
 
 
 def load_weights_into(module: ImageClassifier, path: str) -> None:

@@ -87,12 +87,15 @@ def test_every_stage_directory_comes_from_the_layout(monkeypatch, tmp_path) -> N
             assert f"--checkpoint={out / f'seed{st.seed}' / 'round1' / 'winning_ticket' / 'model.pt'}" in st.command
         if st.kind not in ("prune", "large"):
             yaml_doc = protocol.planner.stage_yaml(st)["trainer"]["logger"]["init_args"]
-            assert yaml_doc == {"save_dir": str(out / "tb"), "name": f"{st.variant}/{st.kind}",
-                                "version": f"seed{st.seed}"}
+            # TensorBoard runs nest as the stage folders: tb/seed<N>/<variant>/<kind>
+            assert yaml_doc == {"save_dir": str(out / "tb"), "name": f"seed{st.seed}",
+                                "version": f"{st.variant}/{st.kind}", "default_hp_metric": False}
             assert f"--config={st.dir / 'stage.yaml'}" in st.command
     assert layout.marker == out / "experiment.json"
     assert layout.large_checkpoint(1) == out / "seed1" / "large" / "checkpoints" / "last.ckpt"
-    assert layout.training_artifact_places(0) == [out / "tb" / "large" / "seed0", out / "seed0" / "large"]
+    # the large run's TensorBoard directory (tb/large/seed0 in runs of earlier versions), then its stage folder
+    assert layout.training_artifact_places(0) == [out / "tb" / "seed0" / "large", out / "tb" / "large" / "seed0",
+                                                  out / "seed0" / "large"]
     assert [layout.results_md, layout.results_json, layout.results_png] == [
         out / "results.md", out / "results.json", out / "results.png"]
     assert layout.row_dir(0, "round1", "unpruned") == out / "seed0" / "large"

@@ -135,14 +135,47 @@ def test_results_json_matches_the_stage_metrics(tiny_run) -> None:
     assert rows["pruned"]["macs"] == rows["finetune"]["macs"] == flops.pruned.macs < rows["unpruned"]["macs"]
 
 
-def test_plot_and_tensorboard_runs_exist(tiny_run) -> None:
+def _tensorboard(run_dir: Path) -> dict:
+    """Every scalar tag and the HParams plugin data of one TensorBoard run, read as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    hparams, hp_metric = {}, None
+    try:
+        plugins = acc.PluginTagToContent("hparams")
+    except KeyError:  # a run that logged no hyper-parameters (the prune stage's)
+        plugins = {}
+    for content in plugins.values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            hparams = {k: v.string_value or v.number_value for k, v in data.session_start_info.hparams.items()}
+    if "hp_metric" in acc.Tags()["scalars"]:
+        hp_metric = acc.Scalars("hp_metric")[-1].value
+    return {"scalars": set(acc.Tags()["scalars"]), "hparams": hparams, "hp_metric": hp_metric}
+
+
+def test_plot_and_tensorboard_runs_named_as_the_stage_folders(tiny_run) -> None:
     out = tiny_run["out"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for seed in SEEDS:
-        dirs = [out / "tb" / "large" / f"seed{seed}"]
-        dirs += [out / "tb" / "l1" / st / f"seed{seed}" for st in ("pruned", "finetune", "scratch_e", "scratch_b")]
-        for d in dirs:
-            assert list(d.glob("events.out.tfevents.*")), f"no TensorBoard events in {d}"
+        for stage in ("large", "l1/pruned", "l1/finetune", "l1/scratch_e", "l1/scratch_b"):
+            run = _tensorboard(out / "tb" / f"seed{seed}" / stage)
+            variant, _, regime = stage.rpartition("/")
+            # hyper-parameters logged once, at the end: seed, regime apart, the real widths, the accuracy
+            assert run["hparams"]["seed"] == seed and run["hparams"]["regime"] == regime, (stage, run["hparams"])
+            assert run["hparams"]["variant"] == (variant or "unpruned")
+            metrics = _metrics(out, seed, regime if variant else "unpruned")
+            assert run["hp_metric"] == pytest.approx(metrics["acc1"])
+        pruned = _tensorboard(out / "tb" / f"seed{seed}" / "l1" / "scratch_e")
+        large = _tensorboard(out / "tb" / f"seed{seed}" / "large")
+        assert pruned["hparams"]["widths"] != large["hparams"]["widths"]  # the artifact's, not the base config's
+        assert pruned["hparams"]["method"] == "l1_norm"
+        # the prune stage's run: FLOPs before and after, and every layer's kept channels
+        prune = _tensorboard(out / "tb" / f"seed{seed}" / "l1" / "prune")
+        assert {"prune/macs_dense", "prune/macs_pruned", "prune/flops_ratio", "prune/params_pruned"} <= prune["scalars"]
+        assert any(tag.startswith("prune/kept/") for tag in prune["scalars"])
 
 
 def test_scratch_b_trains_int_e_times_r_epochs(tiny_run) -> None:
@@ -374,7 +407,7 @@ def test_variant_from_training_adopts_the_artifact_the_large_run_wrote(tmp_path:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     Protocol(load_experiment(config), out).run()
-    written = sorted((out / "tb" / "large" / "seed0").rglob("sfp-masked.pt"))
+    written = sorted((out / "tb" / "seed0" / "large").rglob("sfp-masked.pt"))  # the large run's TensorBoard run
     adopted = out / "seed0" / "sfp" / "prune" / "pruned.pt"
     assert len(written) == 1 and adopted.read_bytes() == written[0].read_bytes()
     assert load_artifact(adopted).provenance.method == "sfp"

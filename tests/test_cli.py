@@ -94,13 +94,13 @@ def test_prune_cli_writes_predefined_architecture(tmp_path, capsys):
     assert "none inherited" in art.provenance.settings["weights"]
     assert art.flops.dense.macs == count_flops(create_model("cifar_resnet56", num_classes=10)).macs
     assert art.flops.ratio == pytest.approx(1.3791, rel=1e-3)
-    assert scratch_b_budget(160, art.flops.ratio).epochs == 220  # paper-spec 1.3
+    assert scratch_b_budget(160, art.flops.ratio).epochs == 220  # docs/paper-settings.md §1.3
     assert "ratio 1.380" in capsys.readouterr().out
     # the flops CLI gives the Scratch-B budget of the artifact, with the arguments that run it
     assert flops.main([str(out), "--scratch-b", "160"]) == 0
     printed = capsys.readouterr().out
     assert "Scratch-B: 220 epochs" in printed and "--trainer.max_epochs 220" in printed
-    assert "--model.milestones '[110, 165]'" in printed  # paper-spec 1.3: ResNet-56-B 220 (110, 165)
+    assert "--model.milestones '[110, 165]'" in printed  # docs/paper-settings.md §1.3: ResNet-56-B 220 (110, 165)
     assert flops.main([str(out), "--scratch-b", "90", "--rule", "thirds", "--cap", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["scratch_b"]["epochs"] == int(90 * 1.3791)
     assert flops.main([str(out), "--scratch-b", "160", "--rule", "scale"]) == 2
@@ -121,7 +121,7 @@ def test_prune_cli_writes_thinet70(tmp_path):
     art = load_artifact(out)
     assert art.architecture.kwargs["cfg"] == get_width_config("resnet50", "thinet70")
     budget = scratch_b_budget(90, art.flops.ratio, rule="thirds", cap=2.0)
-    assert (budget.epochs, budget.milestones) == (141, [47, 94])  # paper-spec 1.3: 141 epochs, step 47
+    assert (budget.epochs, budget.milestones) == (141, [47, 94])  # docs/paper-settings.md §1.3: 141 epochs, step 47
 
 
 def test_prune_cli_width_config_errors(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Lottery tickets (paper-spec 10) and the retraining of masked models (spec 1.5, 1.6, 9, 12.2, 12.6).
+"""Lottery tickets (docs/paper-settings.md §10) and the retraining of masked models (spec 1.5, 1.6, 9, 12.2, 12.6).
 
 From a masked artifact, ``rewind`` (winning ticket) starts at exactly theta_0 times the mask, ``scratch``
 (random re-init) redraws the kept weights with the density-corrected He init, ``finetune`` inherits the

@@ -1,4 +1,4 @@
-"""Retraining regimes (paper-spec 1.1, 1.5, 1.6): how ImageClassifier starts from a pruned artifact.
+"""Retraining regimes (docs/paper-settings.md §1.1, 1.5, 1.6): how ImageClassifier starts from a pruned artifact.
 
 Fine-tune inherits the artifact's weights; scratch (Scratch-E/B) takes only its structure (widths,
 channel-selection indices, masks) with a fresh initialisation, density-corrected for masked convs. Masks

@@ -1,7 +1,7 @@
 """Channel pruning by LASSO selection and least-squares reconstruction (He, Zhang, Sun, "Channel Pruning for
 Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168).
 
-Layer by layer, shallow to deep (paper-spec 5.2): for the channels that layer i+1 reads, sample random
+Layer by layer, shallow to deep (docs/paper-settings.md §5.2): for the channels that layer i+1 reads, sample random
 output positions of layer i+1 on training images. The inputs X come from the *current* network (already
 pruned up to here), the targets Y from a frozen copy of the *original* network, so errors do not accumulate.
 A LASSO on one coefficient per input channel (each channel's contribution ``Z_i`` to all outputs, flattened)
@@ -12,7 +12,7 @@ squares, and layer i's filters (with BN) and layer i+1's input slices are remove
 computed from Gram statistics of the samples (:mod:`lit_prune.core.reconstruct`): He et al.'s code
 subsamples 400 rows for its sklearn LASSO; here the quadratic form of all samples costs the same.
 
-ResNets (paper-spec 5.2 step 5): only conv1 and conv2 of each bottleneck are pruned (their groups; the
+ResNets (docs/paper-settings.md §5.2 step 5): only conv1 and conv2 of each bottleneck are pruned (their groups; the
 block output meets the shortcut). With ``channel_sampler: true`` every block also gets a channel sampler:
 a channel selection in front of its first conv, chosen by the same LASSO with conv1 as the consumer (the
 shortcut still reads every channel), as in ResNet-50-2x (``target: 2x`` brings its counts). When the
@@ -58,7 +58,7 @@ class ChannelPruning(ReconstructionPruning):
             or ``prune_ratio`` (a single ratio applies to them too; a pattern such as ``"*.select"`` addresses
             them alone).
         shortcut_compensation: reconstruct the last conv of a residual branch against ``Y1 + Y2 - Y2'``
-            (paper-spec 5.2 step 5) instead of the original branch output ``Y1`` alone.
+            (docs/paper-settings.md §5.2 step 5) instead of the original branch output ``Y1`` alone.
         **kwargs: the arguments of :class:`~callbacks.reconstruction.ReconstructionPruning` (``target`` or
             ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ``positions_per_image``, ``seed``,
             ``batch_size``, ``ridge``, ``finetune_steps``, ``finetune_lr``, ``finetune_weight_decay``,

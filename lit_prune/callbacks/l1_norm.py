@@ -2,7 +2,7 @@
 
 One-shot and per layer: in every selected layer keep the filters with the largest sum of absolute
 weights, then remove the rest physically together with their BN channels and the next layer's input
-slices (paper-spec section 3). The paper's targets are the named width configs of the zoo (VGG-16-A,
+slices (docs/paper-settings.md §3). The paper's targets are the named width configs of the zoo (VGG-16-A,
 ResNet-56-A/B, ResNet-110-A/B, ResNet-34-A/B); a generic form prunes a ratio per layer pattern.
 
 YAML (the paper's ResNet-56-B, pruned at the end of training)::
@@ -45,7 +45,7 @@ class L1FilterPruning(PruningCallback):
         floor: keep at least this many filters per layer (0 lets a residual branch vanish).
         mode: ``"physical"`` removes the filters (a narrower model); ``"mask"`` keeps the full-size model
             and masks each pruned filter with its BN channel and the next layer's input slice (the
-            structured lottery-ticket experiments, paper-spec 10.1, without the reference's indexing bug).
+            structured lottery-ticket experiments, docs/paper-settings.md §10.1, without the reference's indexing bug).
         keep_init: save theta_0 before training and write it into the artifact (lottery tickets).
         artifact_path: where the artifact is written (relative to the trainer's log directory).
 

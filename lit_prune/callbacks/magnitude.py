@@ -1,7 +1,7 @@
 """Unstructured magnitude pruning (Han et al., "Learning both Weights and Connections", NeurIPS 2015).
 
 The weights of every conv (optionally every linear layer) with the smallest magnitudes are masked: one
-global threshold over all of them, as the paper's weight-level code does (paper-spec 9.1), or one per
+global threshold over all of them, as the paper's weight-level code does (docs/paper-settings.md §9.1), or one per
 layer. The masks are boolean tensors owned by this callback, enforced on the weights, their gradients
 and the optimizer's momentum after every step, saved in checkpoints, and written into the artifact.
 
@@ -11,7 +11,7 @@ and the optimizer's momentum after every step, saved in checkpoints, and written
   by accident (Lightning's ``ModelPruning`` with a float amount prunes that fraction of what remains, every
   time);
 * ``relative: true`` prunes ``amount`` of the *remaining* weights: one round of iterative lottery-ticket
-  pruning (paper-spec 10.1), where the previous rounds' zeros stay pruned.
+  pruning (docs/paper-settings.md §10.1), where the previous rounds' zeros stay pruned.
 
 With ``keep_init: true`` the initialisation theta_0 is saved before training (and in every checkpoint,
 so a resumed run still rewinds to the true theta_0) and written into the artifact for lottery tickets.

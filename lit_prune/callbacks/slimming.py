@@ -1,7 +1,7 @@
 """Network Slimming (Liu et al., "Learning Efficient Convolutional Networks through Network Slimming",
 ICCV 2017, arXiv:1708.06519).
 
-Two parts (paper-spec section 6):
+Two parts (docs/paper-settings.md §6):
 
 1. **Sparsity training.** An L1 penalty ``s * sum |gamma|`` on the scaling factor of every BatchNorm,
    applied as a subgradient: after ``backward()`` and before the optimizer step, ``gamma.grad += s *
@@ -13,7 +13,7 @@ Two parts (paper-spec section 6):
    an artifact; the live model is left as it is. BNs in front of a channel selection (PreResNet block
    inputs, every DenseNet BN, the final BN) prune what the following conv reads, not the stream itself.
 
-The paper has no per-layer minimum (paper-spec 12.14): a layer can lose every channel. A residual branch
+The paper has no per-layer minimum (docs/paper-settings.md §12.14): a layer can lose every channel. A residual branch
 that does so vanishes (its block becomes its shortcut); any other layer cannot, and pruning stops with an
 error that suggests ``floor: 1`` (keep each layer's strongest channel). The paper's PreResNet-164 at 60%
 on CIFAR-100 is such a case.

@@ -1,5 +1,5 @@
 """Sparse Structure Selection (Huang & Wang, "Data-Driven Sparse Structure Selection for Deep Neural Networks",
-ECCV 2018, arXiv:1707.01213), the block-level variant used for ResNets (paper-spec 7.2).
+ECCV 2018, arXiv:1707.01213), the block-level variant used for ResNets (docs/paper-settings.md §7.2).
 
 1. **Block factors.** Every residual block computes ``out = shortcut + lambda_b * F(x)`` with one scalar
    ``lambda_b`` per block, initialised to 1. The factors belong to the model (build it with

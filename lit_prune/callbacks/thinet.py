@@ -1,7 +1,8 @@
 """ThiNet (Luo, Wu, Lin, "ThiNet: A Filter Level Pruning Method for Deep Neural Network Compression", ICCV 2017,
 arXiv:1707.06342).
 
-Layer by layer, shallow to deep (paper-spec 4.2): the filters of layer i are chosen by layer i+1. On training
+Layer by layer, shallow to deep (docs/paper-settings.md §4.2): the filters of layer i are chosen by layer i+1. On
+training
 images, sample random output positions of layer i+1 and one random output channel per sample; input channel
 j's contribution ``xhat_j`` to that output sums to the output itself. Greedily remove the channels whose
 summed contributions have the smallest energy, rescale each kept input slice of layer i+1 by least squares,

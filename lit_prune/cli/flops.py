@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nonzero", action="store_true", help="count only non-zero conv/linear weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--list", action="store_true", help="list registered models and width configs")
-    budget = parser.add_argument_group("Scratch-B budget of an artifact (paper-spec 1.3)")
+    budget = parser.add_argument_group("Scratch-B budget of an artifact (docs/paper-settings.md §1.3)")
     budget.add_argument("--scratch-b", type=int, metavar="EPOCHS", help="the large model's epochs (160 on CIFAR)")
     budget.add_argument("--rule", choices=RULES, default="fractions",
                         help="milestones: fractions (CIFAR), thirds (ImageNet), scale (SFP), multiples (SSS)")

@@ -1,8 +1,8 @@
-"""Scratch-B: train the pruned architecture for the same computation as the large model (paper-spec 1.3).
+"""Scratch-B: train the pruned architecture for the same computation as the large model (docs/paper-settings.md §1.3).
 
 ``r = FLOPs(large) / FLOPs(pruned)``, measured on the actual pruned (or masked) model. Which FLOPs is the
 caller's choice (``lit_prune.core.flops.count_flops(..., convention=...)``): the paper computed its epochs
-with its reference counters (``convention="reference"``: BN, ReLU and pooling too, paper-spec 1.4), so the
+with its reference counters (``convention="reference"``: BN, ReLU and pooling too, docs/paper-settings.md §1.4), so the
 paper's experiment configs set ``scratch_b: {convention: reference}``; the MACs ratio agrees on the L1
 models (VGG-16-A 243, ResNet-56-B 220 epochs either way) but gives 4-25 more epochs on slimming and
 weight-level models (slimmed VGG-19 at 70%: 1768 instead of the reference's 1763). The epochs are

@@ -15,8 +15,8 @@ VGG-16-A = 2.06e8, and of every table and log):
   unstructured, SFP, lottery).
 
 ``"reference"``: what the paper's reference counters compute (``compute_flops.py`` / ``count_flops.py``
-of ``Eric-mingjie/rethinking-network-pruning``, paper-spec 1.4), the ``r`` of its Scratch-B epochs
-(paper-spec 1.3). Multiply-adds count 2, for one image, summed over leaf-module calls:
+of ``Eric-mingjie/rethinking-network-pruning``, docs/paper-settings.md §1.4), the ``r`` of its Scratch-B epochs
+(docs/paper-settings.md §1.3). Multiply-adds count 2, for one image, summed over leaf-module calls:
 
 * ``Conv2d``: ``(2 k_h k_w C_in / groups + [1 if bias]) * C_out * H_out * W_out``; with ``nonzero=True``
   the sparse variant of the weight-level, SFP and ImageNet counters, ``(2 nnz(W) + [C_out if bias]) *
@@ -40,7 +40,7 @@ counts its full input width, the ReLU and the conv the selected channels, exactl
 forward does. The two conventions' ratios agree within 0.3% on the L1-norm models (same Scratch-B
 epochs) but differ by 4-25 epochs on slimming and weight-level models.
 
-Where paper-spec 1.4 leaves our models' counterparts open (documented choices):
+Where docs/paper-settings.md §1.4 leaves our models' counterparts open (documented choices):
 
 * the reference counts only *modules*; ours call some ops functionally. We map them as above: every
   ReLU call counts (the spec's families use ``nn.ReLU`` modules; the SFP CIFAR ResNet, whose source the
@@ -51,8 +51,8 @@ Where paper-spec 1.4 leaves our models' counterparts open (documented choices):
   r >= 2 is capped on ImageNet, so its Scratch-B epochs do not change.
 * SFP's ``DownsampleA`` is an ``AvgPool2d(1, 2)`` module in SFP's code (``1 * numel(output)``); ours
   subsamples by slicing and counts nothing there (two shortcuts, < 0.01% of the FLOPs).
-* paper-spec 1.3 (weight-level) takes ``r`` with non-zero conv weights *after* the mask is applied
-  (the released script counts before, r = 1; paper-spec 12.2): pass ``nonzero=True`` for a masked model.
+* docs/paper-settings.md §1.3 (weight-level) takes ``r`` with non-zero conv weights *after* the mask is applied
+  (the released script counts before, r = 1; docs/paper-settings.md §12.2): pass ``nonzero=True`` for a masked model.
 
 ``params`` counts every parameter (buffers such as BN running stats and channel-selection indices are
 not parameters); with ``nonzero=True`` the conv and linear weights count their non-zeros only. It is
@@ -122,7 +122,7 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def _reference_flops(module: nn.Module, x: torch.Tensor, out: torch.Tensor, nonzero: bool) -> int:
-    """paper-spec 1.4, for one call of a hooked leaf module."""
+    """docs/paper-settings.md §1.4, for one call of a hooked leaf module."""
     if isinstance(module, nn.Conv2d):
         positions = out.numel() // out.shape[-3]  # H_out * W_out * batch
         bias = module.bias is not None
@@ -155,7 +155,7 @@ def count_flops(
         input_size: (C, H, W) of one image, without the batch dimension.
         nonzero: count only non-zero weights (for masked models): conv and linear weights under
             ``"macs"``, conv weights under ``"reference"`` (its FC stays dense).
-        convention: ``"macs"`` (conv + linear multiply-accumulates) or ``"reference"`` (paper-spec 1.4:
+        convention: ``"macs"`` (conv + linear multiply-accumulates) or ``"reference"`` (docs/paper-settings.md §1.4:
             the reference counters, with BN, ReLU and pooling); see the module docstring.
 
     Returns:

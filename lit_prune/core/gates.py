@@ -1,4 +1,4 @@
-"""Block scaling factors of Sparse Structure Selection (Huang & Wang, ECCV 2018; paper-spec 7.2).
+"""Block scaling factors of Sparse Structure Selection (Huang & Wang, ECCV 2018; docs/paper-settings.md §7.2).
 
 A gated residual block computes ``out = shortcut + lambda_b * F(x)`` with one learnable scalar ``lambda_b``
 per block (a :class:`BlockGate`, initialised to 1). Training pushes the factors to exactly zero with a
@@ -70,7 +70,7 @@ def apg_step_(
 ) -> None:
     """One step of SSS's accelerated proximal gradient in NAG form, in place on ``lam`` and ``velocity``.
 
-    With learning rate eta, penalty gamma and momentum mu (``SSS:core/optimizer.py``, paper-spec 7.2)::
+    With learning rate eta, penalty gamma and momentum mu (``SSS:core/optimizer.py``, docs/paper-settings.md §7.2)::
 
         v <- mu v;  z <- lam - eta grad;  z <- soft_threshold(z, eta gamma);  v <- z - lam + v;
         lam <- z + mu v;  lam <- max(lam, 0)

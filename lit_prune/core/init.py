@@ -1,4 +1,4 @@
-"""Initialisation schemes of the paper's model families (paper-spec 1.5)."""
+"""Initialisation schemes of the paper's model families (docs/paper-settings.md §1.5)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def he_bn_init_(model: nn.Module, bn_gamma: float = 1.0) -> None:
 def density_corrected_he_(conv: nn.Conv2d, mask: torch.Tensor) -> None:
     """Re-draw a masked conv with N(0, sqrt(2/n)), n = nnz(mask) / C_in, then apply the mask.
 
-    The weight-level and SFP scratch runs use this density-corrected fan-out (paper-spec 1.5).
+    The weight-level and SFP scratch runs use this density-corrected fan-out (docs/paper-settings.md §1.5).
     """
     n = max(int(mask.sum()) / conv.in_channels, 1.0)
     with torch.no_grad():

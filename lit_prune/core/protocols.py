@@ -75,7 +75,7 @@ class ResidualBlock(Protocol):
     ``a`` and ``b`` (per output channel) are what the branch does to the end conv's output before the
     addition, in eval mode: the BN after it (none in a pre-activation block) times an SSS gate. He et al.'s
     channel pruning reads them to reconstruct ``branch_end`` against a target that also makes up for the
-    error the pruned network already carries on the shortcut (paper-spec 5.2 step 5).
+    error the pruned network already carries on the shortcut (docs/paper-settings.md §5.2 step 5).
     :class:`lit_prune.models.base.ResidualBlock` is the zoo's implementation.
     """
 

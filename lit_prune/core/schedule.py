@@ -1,4 +1,4 @@
-"""Learning-rate schedules of the paper, as per-epoch multiplicative factors (paper-spec 1.2)."""
+"""Learning-rate schedules of the paper, as per-epoch multiplicative factors (docs/paper-settings.md §1.2)."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ class RegressionReconstruction(LayerwiseReconstruction):
 
     @override
     def reference(self, model: nn.Module) -> nn.Module:
-        # paper-spec 5.2 step 1: targets from the original network, so errors do not accumulate
+        # docs/paper-settings.md §5.2 step 1: targets from the original network, so errors do not accumulate
         ref = self.prepare(copy.deepcopy(model)).eval()
         for p in ref.parameters():
             p.requires_grad_(False)

@@ -14,7 +14,7 @@ Under DDP each rank takes every world_size-th of those images, sums its statisti
 While a layer's statistics are collected, rank 0 logs its progress every ``progress_seconds`` (10 s), and
 one line per layer gives the decision and its reconstruction errors.
 
-Optional fine-tuning between layers (ThiNet fine-tunes briefly after each layer, paper-spec 4.2 step 5):
+Optional fine-tuning between layers (ThiNet fine-tunes briefly after each layer, docs/paper-settings.md §4.2 step 5):
 with ``finetune_steps > 0`` the copy takes that many SGD steps (momentum 0.9, cross-entropy on the training
 labels) after each pruned layer, before the next layer's statistics are collected. BatchNorm layers keep
 their running statistics during these steps (as in fine-tuning with frozen statistics), and under DDP

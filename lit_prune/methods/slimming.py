@@ -94,5 +94,5 @@ class BNScaleSlimming(PruningMethod):
                 g.name, 0, g.branch,
                 f"Network Slimming's global threshold (prune_ratio {self.prune_ratio}) removes all of it (scored by "
                 f"BN {g.bn!r}). Set floor: 1 to keep each layer's strongest channel, or lower prune_ratio (the paper "
-                "has no floor; paper-spec 12.14)",
+                "has no floor; docs/paper-settings.md §12.14)",
             )

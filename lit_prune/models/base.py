@@ -27,7 +27,7 @@ class ZooModel(nn.Module):
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
-        """Re-initialise every weight with the family's own scheme (paper-spec 1.5)."""
+        """Re-initialise every weight with the family's own scheme (docs/paper-settings.md §1.5)."""
         raise NotImplementedError
 
 
@@ -40,7 +40,7 @@ class ResidualBlock(nn.Module):
     ``a`` and ``b`` (per output channel) are what the branch does to the end conv's output before the addition,
     in eval mode: the following BN (none in a pre-activation block) times an SSS gate. He et al.'s channel
     pruning reads these terms to reconstruct ``branch_end`` against a target that also makes up for the error
-    the pruned network already carries on the shortcut (paper-spec 5.2 step 5).
+    the pruned network already carries on the shortcut (docs/paper-settings.md §5.2 step 5).
     """
 
     #: attribute name of the conv whose output meets the shortcut
@@ -71,7 +71,7 @@ class ChannelSelection(nn.Module):
 
     It sits after a BatchNorm whose width cannot change (a residual stream or a dense
     concatenation) and lets the next conv read only some of those channels. Unlike the reference code,
-    the kept indices are a persistent *buffer*, never a parameter (paper-spec 12.15).
+    the kept indices are a persistent *buffer*, never a parameter (docs/paper-settings.md §12.15).
 
     Args:
         num_channels: width of the incoming tensor.

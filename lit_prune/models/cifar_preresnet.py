@@ -1,5 +1,5 @@
 """CIFAR pre-activation bottleneck ResNets (depth 9n+2): Network Slimming's PreResNet-164 and bearpaw's
-PreResNet-110 of weight-level pruning (paper-spec 2.4, 2.6, 12.10).
+PreResNet-110 of weight-level pruning (docs/paper-settings.md §2.4, 2.6, 12.10).
 
 Layout: stem conv3x3(3 -> 16) without BN; three stages of ``n = (depth - 2) // 9`` bottleneck blocks
 with planes 16 / 32 / 64 and expansion 4 (stream widths 64 / 128 / 256); then BN -> [selection] -> ReLU
@@ -29,7 +29,7 @@ order, i.e. per block (after its BN1), then the final one (after the last BN): `
 is a strictly increasing list of kept stream channels, or None to keep them all; ``select=None`` keeps all
 everywhere. ``cfg`` must agree with it: a block's first entry equals the number of channels its selection
 keeps (the stream width for None), and so does the final entry. ``cfg`` alone cannot say *which* stream
-channels are read (paper-spec 6.3), so a smaller count needs explicit indices.
+channels are read (docs/paper-settings.md §6.3), so a smaller count needs explicit indices.
 
 The bearpaw models (``bearpaw_*``) use the same ``cfg`` format without selections: each block's first
 entry and the final entry must then equal the stream width; only conv1/conv2 output widths are free.
@@ -38,7 +38,7 @@ Prunable channel groups (:meth:`PreResNet.channel_groups`, one per ``cfg`` entry
 (slim only, scored by BN1), conv1's and conv2's outputs (their residual branch vanishes when one of them
 reaches zero), and the final selection. conv3 and the downsample convs feed the addition and are never cut.
 
-Init (paper-spec 1.5): conv He fan-out; BN gamma 0.5 (slimming) or 1 (bearpaw), beta 0; Linear default.
+Init (docs/paper-settings.md §1.5): conv He fan-out; BN gamma 0.5 (slimming) or 1 (bearpaw), beta 0; Linear default.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ class PreResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        init.he_bn_init_(self, self.bn_gamma)  # paper-spec 1.5
+        init.he_bn_init_(self, self.bn_gamma)  # docs/paper-settings.md §1.5
         self.fc.reset_parameters()
 
 
@@ -298,7 +298,7 @@ def slim_preresnet(
     depth: int = 164,
     select: Sequence[Sequence[int] | None] | None = None,
 ) -> PreResNet:
-    """Network Slimming's PreResNet of any depth 9n+2, with channel selections (paper-spec 2.4)."""
+    """Network Slimming's PreResNet of any depth 9n+2, with channel selections (docs/paper-settings.md §2.4)."""
     return _slim(depth, cfg, num_classes, select)
 
 
@@ -314,11 +314,12 @@ def slim_preresnet164(
 
 @register_model("bearpaw_preresnet")
 def bearpaw_preresnet(cfg: Sequence[int] | None = None, num_classes: int = 10, depth: int = 110) -> PreResNet:
-    """bearpaw's bottleneck PreResNet of any depth 9n+2, no channel selection, BN gamma 1 (paper-spec 2.6)."""
+    """bearpaw's bottleneck PreResNet of any depth 9n+2, no channel selection, BN gamma 1 (docs/paper-settings.md
+    §2.6)."""
     return _bearpaw(depth, cfg, num_classes)
 
 
 @register_model("bearpaw_preresnet110")
 def bearpaw_preresnet110(cfg: Sequence[int] | None = None, num_classes: int = 10) -> PreResNet:
-    """Weight-level pruning's "PreResNet-110": bottleneck, n = 12 blocks per stage (paper-spec 12.10)."""
+    """Weight-level pruning's "PreResNet-110": bottleneck, n = 12 blocks per stage (docs/paper-settings.md §12.10)."""
     return _bearpaw(110, cfg, num_classes)

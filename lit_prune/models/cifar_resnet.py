@@ -1,14 +1,14 @@
 """CIFAR ResNet-20/32/56/110 (depth 6n+2) of L1-norm pruning and Soft Filter Pruning.
 
 Width config ``cfg``: one int per block, the output width of the block's first conv (the only width
-L1-norm pruning changes; paper-spec 2.2). A width of 0 removes the block's residual branch: the block
+L1-norm pruning changes; docs/paper-settings.md §2.2). A width of 0 removes the block's residual branch: the block
 becomes its shortcut.
 
 Two parameter-free shortcuts, used where a stage halves the resolution and doubles the width:
 
 * ``"avgpool"`` (L1-norm code, ``cifar_resnet*``): 2x2 average pool, then zero channels. Unlike the
   reference code the gradient flows through it; ``detach_shortcut=True`` reproduces the reference
-  (paper-spec 12.1).
+  (docs/paper-settings.md §12.1).
 * ``"subsample"`` (SFP code, ``sfp_resnet*``): stride-2 subsampling, then zero channels.
 
 ``gates=True`` gives every block that has a residual branch Sparse Structure Selection's factor lambda_b
@@ -88,7 +88,8 @@ class BasicBlock(ResidualBlock):
 
 
 class CifarResNet(ZooModel):
-    """ResNet for 32x32 inputs with parameter-free shortcuts (paper-spec 2.2, 2.3); ``gates``: SSS factors."""
+    """ResNet for 32x32 inputs with parameter-free shortcuts (docs/paper-settings.md §2.2, 2.3); ``gates``: SSS
+    factors."""
 
     def __init__(
         self,
@@ -138,7 +139,7 @@ class CifarResNet(ZooModel):
         return kwargs
 
     def channel_groups(self) -> list[ChannelGroup]:
-        # Only the first conv of a block is prunable: conv2's outputs meet the shortcut (paper-spec 3.3).
+        # Only the first conv of a block is prunable: conv2's outputs meet the shortcut (docs/paper-settings.md §3.3).
         groups = []
         for s in range(1, 4):
             for b, block in enumerate(getattr(self, f"layer{s}")):
@@ -154,7 +155,7 @@ class CifarResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        init.he_bn_init_(self, 1.0)  # paper-spec 1.5
+        init.he_bn_init_(self, 1.0)  # docs/paper-settings.md §1.5
         if self.linear_init == "kaiming":
             nn.init.kaiming_normal_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)
@@ -184,7 +185,7 @@ for _depth in (20, 32, 56, 110):
     register_model(f"cifar_resnet{_depth}")(_l1_resnet(_depth))
     register_model(f"sfp_resnet{_depth}")(_sfp_resnet(_depth))
 
-# The paper's L1-norm targets (paper-spec 3.3): first-conv widths per block.
+# The paper's L1-norm targets (docs/paper-settings.md §3.3): first-conv widths per block.
 register_width_config("cifar_resnet56", "A", [14] * 7 + [16, 14] + [32] + [28] * 8 + [64] + [57] * 7 + [64])
 register_width_config("cifar_resnet56", "B", [6] * 7 + [16, 16] + [32] + [22] * 6 + [32, 22] + [64] + [57] * 7 + [64])
 register_width_config("cifar_resnet110", "A", [8] * 17 + [16] + [32] * 18 + [64] * 18)

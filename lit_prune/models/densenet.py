@@ -1,5 +1,5 @@
 """CIFAR DenseNets: Network Slimming's DenseNet-40 and bearpaw's DenseNets of weight-level pruning
-(paper-spec 2.5, 2.6, 12.9).
+(docs/paper-settings.md §2.5, 2.6, 12.9).
 
 Layout: stem conv3x3(3 -> 2 * growth); three dense blocks of ``n`` layers separated by two transitions;
 then BN -> [selection] -> ReLU -> global average pool -> Linear. With ``C`` the width of the concatenated
@@ -16,7 +16,7 @@ Registered sizes:
 * ``slim_densenet40`` (Network Slimming): depth 40, growth 12, basic, compression 1, a selection after
   every stream BN, BN gamma 0.5. Stream widths 24 -> 168 | 168 -> 312 | 312 -> 456.
 * ``densenet40`` (weight-level pruning, bearpaw ``--depth 40``): the same without selections, BN gamma 1.
-* ``densenet_c100``: what the reference code's "DenseNet-BC-100" command really builds (paper-spec 12.9):
+* ``densenet_c100``: what the reference code's "DenseNet-BC-100" command really builds (docs/paper-settings.md §12.9):
   32 *basic* layers per block, compression 0.5, growth 12. This is the model behind the paper's Table 6.
 * ``densenet_bc100``: a true DenseNet-BC-100: 16 bottleneck layers per block, compression 0.5, growth 12
   (~0.8M parameters). Not what the paper ran.
@@ -31,7 +31,7 @@ conv2's input = conv1's output width), a transition one, the classifier one. So 
 
 Concatenation widths and conv *outputs* never change under pruning (growth stays, transitions output
 ``floor(compression * C)`` of the full stream width): Network Slimming prunes only what each conv reads,
-through a channel selection after the BN (paper-spec 6.2). The entries that read the stream must
+through a channel selection after the BN (docs/paper-settings.md §6.2). The entries that read the stream must
 therefore equal the stream width, or the number of channels the selection keeps; the bottleneck widths
 are free. A zero width is refused (a dense layer cannot be removed without changing the stream).
 
@@ -43,7 +43,7 @@ Prunable channel groups (:meth:`DenseNet.channel_groups`): every selection (slim
 before it; 39 for DenseNet-40, one per ``cfg`` entry) and every bottleneck width. A model without
 selections and bottlenecks (``densenet40``, ``densenet_c100``) has none: it is pruned by weight masks.
 
-Init (paper-spec 1.5): conv He fan-out; BN gamma 0.5 (slimming) or 1 (bearpaw), beta 0; Linear default.
+Init (docs/paper-settings.md §1.5): conv He fan-out; BN gamma 0.5 (slimming) or 1 (bearpaw), beta 0; Linear default.
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ class DenseNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        init.he_bn_init_(self, self.bn_gamma)  # paper-spec 1.5
+        init.he_bn_init_(self, self.bn_gamma)  # docs/paper-settings.md §1.5
         self.fc.reset_parameters()
 
 
@@ -319,7 +319,7 @@ def slim_densenet40(
     num_classes: int = 10,
     select: Sequence[Sequence[int] | None] | None = None,
 ) -> DenseNet:
-    """Network Slimming's DenseNet-40 (growth 12, ~1.06M parameters; paper-spec 2.5)."""
+    """Network Slimming's DenseNet-40 (growth 12, ~1.06M parameters; docs/paper-settings.md §2.5)."""
     return DenseNet(40, num_classes, cfg, select, 12, channel_selection=True, bn_gamma=0.5)
 
 
@@ -332,7 +332,7 @@ def densenet(
     bottleneck: bool = False,
     compression: float = 1.0,
 ) -> DenseNet:
-    """bearpaw's DenseNet (no channel selection, BN gamma 1) of any size (paper-spec 2.6)."""
+    """bearpaw's DenseNet (no channel selection, BN gamma 1) of any size (docs/paper-settings.md §2.6)."""
     return DenseNet(
         depth, num_classes, cfg, None, growth, bottleneck, compression, channel_selection=False, bn_gamma=1.0
     )

@@ -1,5 +1,5 @@
 """Pre-activation ("v2") ImageNet ResNet-50 of Sparse Structure Selection, and its block-pruned variants
-ResNet-41 / 32 / 26 (paper-spec 2.7, 7.2, 11.5).
+ResNet-41 / 32 / 26 (docs/paper-settings.md §2.7, 7.2, 11.5).
 
 Layout (MXNet ``SSS:symbol/resnet.py``): stem conv 7x7/2 (3 -> 64) - BN - ReLU - max-pool 3x3/2; four stages
 of pre-activation bottleneck units (planes 64 / 128 / 256 / 512, expansion 4, stride 2 on the 3x3 conv of
@@ -37,11 +37,12 @@ an identity unit becomes the identity. Call :meth:`PreActResNet.compact_blocks` 
 unit in the middle of a stage, so that the module names match a model rebuilt from ``cfg``.
 
 Every unit's residual output goes through :meth:`PreActBottleneck.residual`, the one place where SSS's
-block factor lambda_b multiplies it (``out = shortcut + lambda_b * F``, paper-spec 7.2). ``gates=True`` gives
+block factor lambda_b multiplies it (``out = shortcut + lambda_b * F``, docs/paper-settings.md §7.2). ``gates=True``
+gives
 every unit that keeps a branch such a factor (a :class:`~lit_prune.core.gates.BlockGate` named ``gate``,
 initialised to 1; no BN follows conv3, so lambda_b folds into conv3's weight). Off by default.
 
-Init (paper-spec 1.5): conv He fan-out, BN gamma 1 / beta 0, Linear PyTorch default. Input 3x224x224.
+Init (docs/paper-settings.md §1.5): conv He fan-out, BN gamma 1 / beta 0, Linear PyTorch default. Input 3x224x224.
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ class PreActResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        init.he_bn_init_(self, 1.0)  # paper-spec 1.5
+        init.he_bn_init_(self, 1.0)  # docs/paper-settings.md §1.5
         self.fc.reset_parameters()
 
 
@@ -322,7 +323,7 @@ def sss_resnet50(
     return PreActResNet(cfg, num_classes, widths, gates)
 
 
-# The paper's SSS architectures (paper-spec 2.7, Table 5): depth 2 + 3 * sum(a).
+# The paper's SSS architectures (docs/paper-settings.md §2.7, Table 5): depth 2 + 3 * sum(a).
 register_width_config("sss_resnet50", "resnet41", [[0, False], [4, True], [6, True], [3, True]])
 register_width_config("sss_resnet50", "resnet32", [[1, False], [4, True], [4, True], [1, True]])
 register_width_config("sss_resnet50", "resnet26", [[0, False], [2, False], [5, False], [1, True]])

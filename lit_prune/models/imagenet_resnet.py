@@ -1,12 +1,12 @@
 """ResNets with projection shortcuts: ImageNet ResNet-34/50 (torchvision layout) and bearpaw's CIFAR ResNet.
 
-**ImageNet** (paper-spec 2.7): ``resnet34`` (BasicBlocks [3, 4, 6, 3]) and ``resnet50`` (Bottlenecks
+**ImageNet** (docs/paper-settings.md §2.7): ``resnet34`` (BasicBlocks [3, 4, 6, 3]) and ``resnet50`` (Bottlenecks
 [3, 4, 6, 3]) have torchvision's layout and module names (``conv1, bn1, relu, maxpool, layer1..layer4,
 avgpool, fc``; blocks ``conv1, bn1, conv2, bn2[, conv3, bn3], downsample.0, downsample.1``), so at full
 width ``model.load_state_dict(torchvision.models.resnet34().state_dict())`` works and gives the same
 outputs. Input 3x224x224.
 
-**bearpaw CIFAR** (paper-spec 2.6; ``bearpaw_resnet50``, the lottery-ticket "ResNet-50"): depth 6n+2 with a
+**bearpaw CIFAR** (docs/paper-settings.md §2.6; ``bearpaw_resnet50``, the lottery-ticket "ResNet-50"): depth 6n+2 with a
 3x3 stem of 16 channels and three stages of 16/32/64 planes. BasicBlocks below depth 54, Bottlenecks from
 54 on, so depth 50 is 3 x 8 BasicBlocks. Option-B shortcut (1x1 conv + BN) wherever the shape changes.
 Input 3x32x32. It shares the block code of the ImageNet models.
@@ -14,7 +14,7 @@ Input 3x32x32. It shares the block code of the ImageNet models.
 Width config ``cfg``, one entry per block in order (layer1[0], layer1[1], ..., last block):
 
 * BasicBlock families (``resnet34``, ``bearpaw_resnet50``): an int, the output width of the block's first
-  conv (the only width L1-norm pruning changes; paper-spec 3.4). ResNet-34 has 16 entries.
+  conv (the only width L1-norm pruning changes; docs/paper-settings.md §3.4). ResNet-34 has 16 entries.
 * Bottleneck families (``resnet50``): a pair ``[conv1 out, conv2 out]``; ResNet-50 has 16 pairs. conv3
   always outputs 4 x planes, so the residual stream keeps its width (ThiNet and He et al. prune only
   conv1 and conv2). The reference code's 48-entry triples ``[block input, conv1, conv2]`` map onto this
@@ -22,9 +22,9 @@ Width config ``cfg``, one entry per block in order (layer1[0], layer1[1], ..., l
 
 A block width of 0 (a pair ``[0, 0]`` for Bottlenecks) removes the block's residual branch: the block
 becomes its shortcut followed by ReLU. The FC input is always ``final planes x expansion`` (512 x expansion
-on ImageNet), not ``cfg[-1]`` as in the reference ResNet-34 (paper-spec 12.11).
+on ImageNet), not ``cfg[-1]`` as in the reference ResNet-34 (docs/paper-settings.md §12.11).
 
-Optional, for He et al.'s ResNet-50-2x (paper-spec 2.7):
+Optional, for He et al.'s ResNet-50-2x (docs/paper-settings.md §2.7):
 
 * ``select``: one entry per block, the block-input channels read by the block's first conv (a
   :class:`~lit_prune.models.base.ChannelSelection` in front of ``conv1``; the shortcut still reads the full
@@ -37,10 +37,11 @@ Optional, for He et al.'s ResNet-50-2x (paper-spec 2.7):
 
 Named width configs (the paper's predefined pruned architectures):
 
-* ``resnet34``: ``"A"``, ``"B"`` (L1-norm pruning, paper-spec 3.4).
-* ``resnet50``: ``"thinet30"``, ``"thinet50"``, ``"thinet70"`` (ThiNet, paper-spec 2.7 and 4: conv1 and conv2
+* ``resnet34``: ``"A"``, ``"B"`` (L1-norm pruning, docs/paper-settings.md §3.4).
+* ``resnet50``: ``"thinet30"``, ``"thinet50"``, ``"thinet70"`` (ThiNet, docs/paper-settings.md §2.7 and 4: conv1 and
+conv2
   of every block keep 19/38/76/153, 32/64/128/256 or 44/89/179/358 channels in stages 1-4) and ``"2x"`` (He
-  et al.'s ResNet-50-2x, paper-spec 2.7 and 5: ``cfg_2x`` plus the 16 channel selections shipped as
+  et al.'s ResNet-50-2x, docs/paper-settings.md §2.7 and 5: ``cfg_2x`` plus the 16 channel selections shipped as
   ``lit_prune/data/resnet50_2x_channel_selection.json``). All four carry ``downsample_bias=True``, as the
   reference ``thinetresnet.py`` / ``resnet_2x.py`` do (a bias in front of a BN: no effect on MACs or
   accuracy, but the state-dict keys are those of the reference models).
@@ -305,12 +306,12 @@ class _ResNet(ZooModel):
         return groups
 
     def reset_parameters(self) -> None:
-        init.he_bn_init_(self, 1.0)  # paper-spec 1.5
+        init.he_bn_init_(self, 1.0)  # docs/paper-settings.md §1.5
         self.fc.reset_parameters()
 
 
 class ImageNetResNet(_ResNet):
-    """torchvision-layout ResNet for 224x224 inputs (paper-spec 2.7).
+    """torchvision-layout ResNet for 224x224 inputs (docs/paper-settings.md §2.7).
 
     Args:
         depth: 18, 34 (BasicBlocks), 50, 101 or 152 (Bottlenecks).
@@ -348,7 +349,7 @@ class ImageNetResNet(_ResNet):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         out = self._make_stages(64, _IMAGENET_PLANES, layers, widths, select, downsample_bias, label, gates)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(out, num_classes)  # 512 * expansion whatever cfg says (paper-spec 12.11)
+        self.fc = nn.Linear(out, num_classes)  # 512 * expansion whatever cfg says (docs/paper-settings.md §12.11)
         self.reset_parameters()
 
     def add_channel_samplers(self) -> int:
@@ -374,7 +375,7 @@ class ImageNetResNet(_ResNet):
 
 
 class BearpawResNet(_ResNet):
-    """bearpaw's CIFAR ResNet (paper-spec 2.6): depth 6n+2, BasicBlocks below 54, option-B shortcuts.
+    """bearpaw's CIFAR ResNet (docs/paper-settings.md §2.6): depth 6n+2, BasicBlocks below 54, option-B shortcuts.
 
     Args:
         depth: 6n+2 (8, 14, 20, ..., 50 for the lottery-ticket "ResNet-50"); Bottlenecks from 54 on.
@@ -445,12 +446,13 @@ def bearpaw_resnet50(cfg: Sequence[int] | None = None, num_classes: int = 10, ga
     return BearpawResNet(50, num_classes, cfg, gates)
 
 
-# The paper's L1-norm targets (paper-spec 3.4): first-conv widths per block.
+# The paper's L1-norm targets (docs/paper-settings.md §3.4): first-conv widths per block.
 register_width_config("resnet34", "A", [64, 44, 44, 128, 89, 89, 128, 256] + [179] * 4 + [256, 512, 512, 512])
 register_width_config("resnet34", "B", [64, 32, 32, 128, 51, 51, 128, 256] + [153] * 4 + [256, 512, 512, 512])
 
 
-# ThiNet ResNet-50s (paper-spec 2.7): int(keep * planes) channels for conv1 and conv2 of every block of a stage.
+# ThiNet ResNet-50s (docs/paper-settings.md §2.7): int(keep * planes) channels for conv1 and conv2 of every block of a
+# stage.
 _THINET_KEEPS = {"thinet30": (19, 38, 76, 153), "thinet50": (32, 64, 128, 256), "thinet70": (44, 89, 179, 358)}
 for _name, _keeps in _THINET_KEEPS.items():
     register_width_config(
@@ -458,7 +460,8 @@ for _name, _keeps in _THINET_KEEPS.items():
         downsample_bias=True,
     )
 
-# He et al.'s ResNet-50-2x (paper-spec 2.7): the reference's cfg_2x triples [block input, conv1, conv2] with the
+# He et al.'s ResNet-50-2x (docs/paper-settings.md §2.7): the reference's cfg_2x triples [block input, conv1, conv2]
+# with the
 # informational first element dropped (it equals the number of channels the block's selection keeps).
 _RESNET50_2X_CFG = [
     [64, 55], [51, 39], [50, 37], [128, 106], [105, 72], [105, 72], [128, 110], [256, 225],

@@ -1,4 +1,5 @@
-"""VGG networks of the paper: three CIFAR families and the ImageNet VGG-11-BN / VGG-16 (paper-spec 2.1, 2.7).
+"""VGG networks of the paper: three CIFAR families and the ImageNet VGG-11-BN / VGG-16 (docs/paper-settings.md §2.1,
+2.7).
 
 Width config ``cfg``: a list read left to right, an int ``w`` is a 3x3 / pad 1 conv with ``w`` output
 channels (followed by its BatchNorm where the model has one, then ReLU) and ``"M"`` is a 2x2 / stride 2
@@ -8,17 +9,17 @@ only. ``slim_vgg11_bn`` appends its two hidden FC widths to the list, as the ref
 
 Families and their registered names:
 
-* ``cifar_vgg{11,13,16,19}``: L1-norm filter pruning (paper-spec 2.1a). Conv bias False + BN2d + ReLU,
+* ``cifar_vgg{11,13,16,19}``: L1-norm filter pruning (docs/paper-settings.md §2.1a). Conv bias False + BN2d + ReLU,
   4 pools (2x2 features at the end), 2x2 average pool, classifier Linear(cfg[-1], 512) - BN1d - ReLU -
   Linear(512, C). Init: conv He fan-out, BN gamma 0.5 (BN2d and BN1d), Linear N(0, 0.01).
-  Named width config ``"A"`` of ``cifar_vgg16`` is VGG-16-A (paper-spec 3.2).
+  Named width config ``"A"`` of ``cifar_vgg16`` is VGG-16-A (docs/paper-settings.md §3.2).
 * ``slim_vgg{11,13,16,19}``: Network Slimming (2.1b). Same features, a single Linear(cfg[-1], C);
   BN gamma 0.5.
 * ``bearpaw_vgg{16,19}_bn``: weight-level pruning and the weight-level lottery ticket (2.1c). Conv bias
   True (zero init), He *fan-in*, BN gamma 1, Linear N(0, 0.01).
   Decision on the pooling: upstream bearpaw VGGs end with a 5th max-pool, but the copy the paper ran
   (``REPO:cifar/weight-level/models/cifar/vgg.py``) uses configs D/E with **4** pools and an AvgPool2d(2)
-  in ``forward``, and paper-spec 2.1c says the same ("AvgPool2d(2)", "same lists as above"). We follow
+  in ``forward``, and docs/paper-settings.md §2.1c says the same ("AvgPool2d(2)", "same lists as above"). We follow
   that copy; both give 1x1x512 before the Linear(512, C) and identical conv/linear MACs.
 * ``slim_vgg11_bn``: ImageNet VGG-11-BN of Network Slimming (2.7). Conv bias True + BN2d + ReLU;
   classifier Linear(c*7*7, f1) - BN1d - ReLU - Linear(f1, f2) - BN1d - ReLU - Linear(f2, C), no dropout;
@@ -67,7 +68,7 @@ _SLIM_VGG11_CFG: list[int | str] = [64, M, 128, M, 256, 256, M, 512, 512, M, 512
 # VGG-16 without its 5th pool, for the global-average-pool head.
 _VGG16_GAP_CFG: list[int | str] = _VGG16_CFG[:-1]
 
-# Properties of the three CIFAR families (paper-spec 2.1 and 1.5).
+# Properties of the three CIFAR families (docs/paper-settings.md §2.1 and 1.5).
 _CIFAR_STYLES: dict[str, dict[str, Any]] = {
     "l1": {"bias": False, "head": "mlp", "gamma": 0.5, "conv_init": init.he_fan_out_},
     "slimming": {"bias": False, "head": "linear", "gamma": 0.5, "conv_init": init.he_fan_out_},
@@ -171,7 +172,7 @@ def _conv_groups(features: nn.Sequential, head_consumer: str) -> list[ChannelGro
 
 
 class CifarVGG(ZooModel):
-    """VGG for 32x32 inputs, in the L1-norm, slimming or bearpaw style (paper-spec 2.1).
+    """VGG for 32x32 inputs, in the L1-norm, slimming or bearpaw style (docs/paper-settings.md §2.1).
 
     Args:
         depth: 11, 13, 16 or 19 (8, 10, 13 or 16 convs).
@@ -243,7 +244,7 @@ class CifarVGG(ZooModel):
 
 
 class ImageNetVGG(ZooModel):
-    """VGG for 224x224 inputs with torchvision's module layout (paper-spec 2.7).
+    """VGG for 224x224 inputs with torchvision's module layout (docs/paper-settings.md §2.7).
 
     Args:
         num_convs: number of convs the cfg must have (8 for VGG-11, 13 for VGG-16).
@@ -441,7 +442,7 @@ def vgg16_gap(cfg: Sequence[int | str] | None = None, num_classes: int = 1000) -
     )
 
 
-# The paper's predefined pruned architectures (paper-spec 3.2 and 2.7).
+# The paper's predefined pruned architectures (docs/paper-settings.md §3.2 and 2.7).
 register_width_config(
     "cifar_vgg16", "A", [32, 64, M, 128, 128, M, 256, 256, 256, M, 256, 256, 256, M, 256, 256, 256]
 )

@@ -59,7 +59,8 @@ def test_inputs_from_the_pruned_network_targets_from_the_original() -> None:
                artifact_path=None)
     art = spy.prune(model, dataloader=_loader())
     assert [c[0] for c in spy.calls] == ["features.0", "features.4", "features.8"]  # shallow to deep
-    # paper-spec 5.2 step 1: the current network is already pruned before each layer, the reference never is
+    # docs/paper-settings.md §5.2 step 1: the current network is already pruned before each layer, the reference never
+    # is
     assert [c[1][:3] for c in spy.calls] == [[8, 8, 8], [4, 8, 8], [4, 4, 8]]
     assert all(c[2] == [8] * 8 for c in spy.calls)
     assert art.architecture.kwargs["cfg"] == [4, "M", 4, "M", 4, 8, "M", 8, 8, "M", 8, 8]

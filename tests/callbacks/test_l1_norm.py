@@ -22,7 +22,7 @@ from tests.helpers import clean_env, masks_from_keeps, randomize_bn, run_process
 REPO = Path(__file__).resolve().parents[2]
 CFG20 = [4, 4, 4, 8, 8, 8, 16, 16, 16]
 
-# paper-spec 3.3 / 3.4, written out here rather than read from the registry
+# docs/paper-settings.md §3.3 / 3.4, written out here rather than read from the registry
 RESNET56_B = [6] * 7 + [16, 16] + [32] + [22] * 6 + [32, 22] + [64] + [57] * 7 + [64]
 RESNET34_A = [64, 44, 44, 128, 89, 89, 128, 256, 179, 179, 179, 179, 256, 512, 512, 512]
 RESNET56_B_GENERIC = {

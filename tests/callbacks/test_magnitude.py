@@ -1,4 +1,4 @@
-"""Unstructured magnitude pruning (paper-spec 9.1): exact sparsity, the torch peer, gradual pruning without
+"""Unstructured magnitude pruning (docs/paper-settings.md §9.1): exact sparsity, the torch peer, gradual pruning without
 compounding, theta_0 and masks across a resume, enforcement through SGD, the masked artifact, and DDP.
 
 Lightning's own ``ModelPruning`` is the peer whose mistakes these tests rule out: it prunes a float ``amount``

@@ -340,7 +340,7 @@ def test_bad_arguments_are_refused_by_name(kwargs: dict, name: str) -> None:
         NetworkSlimming(**kwargs)
 
 
-# (file, base config, sparsity, prune_ratio, include_bn1d): paper-spec 6.1 and 6.2 item 8
+# (file, base config, sparsity, prune_ratio, include_bn1d): docs/paper-settings.md §6.1 and 6.2 item 8
 CONFIGS = [
     ("slimming_vgg19_70.yaml", "configs/cifar/slim_vgg19.yaml", 1e-4, 0.7, False),
     ("slimming_vgg19_50.yaml", "configs/cifar/slim_vgg19.yaml", 1e-4, 0.5, False),

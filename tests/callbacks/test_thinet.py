@@ -67,7 +67,7 @@ def test_thinet70_target_on_resnet50_prunes_conv1_and_conv2_of_every_bottleneck(
     torch.manual_seed(0)
     model = create_model("resnet50")
     plan = dict(ThiNetPruning(target="thinet70").pruner.plan(model))
-    # paper-spec 2.7: 44/89/179/358 channels per stage for conv1 and conv2 of all 16 blocks
+    # docs/paper-settings.md §2.7: 44/89/179/358 channels per stage for conv1 and conv2 of all 16 blocks
     expected = {}
     for stage, (blocks, keep) in enumerate(zip((3, 4, 6, 3), (44, 89, 179, 358)), start=1):
         for b in range(blocks):

@@ -1,4 +1,5 @@
-"""Scratch-B budget (paper-spec 1.3): epochs and LR milestones from FLOPs ratios measured on our zoo models.
+"""Scratch-B budget (docs/paper-settings.md §1.3): epochs and LR milestones from FLOPs ratios measured on our zoo
+models.
 
 The ratios are not typed in: they are counted here (``count_flops`` of the unpruned model and of the paper's
 named width config, or of the artifact that ``L1FilterPruning`` writes for that target), so the test
@@ -35,7 +36,8 @@ def measured_ratio(name: str, cfg: str) -> float:
         return count_flops(create_model(name)).macs / count_flops(create_model(name, cfg=cfg)).macs
 
 
-# (model, width config, the paper's r (analytic, compute_flops), Scratch-B epochs, milestones); paper-spec 1.3
+# (model, width config, the paper's r (analytic, compute_flops), Scratch-B epochs, milestones); docs/paper-settings.md
+# §1.3
 CIFAR = [
     ("cifar_vgg16", "A", 1.519, 243, [121, 182]),
     ("cifar_resnet56", "A", 1.1156, 178, [89, 133]),
@@ -153,7 +155,7 @@ def test_bad_arguments_are_refused(kwargs, match) -> None:
 @pytest.mark.parametrize(("ratio", "epochs", "milestones"), [
     (1.1775, 117, [35, 70, 105]), (1.4513, 145, [43, 86, 129]), (1.7951, 179, [53, 106, 159])])
 def test_multiples_rule_gives_the_sss_schedules(ratio, epochs, milestones):
-    # paper-spec 1.3: SSS ResNet-41/32/26 from the 100-epoch schedule with steps at 30/60/90
+    # docs/paper-settings.md §1.3: SSS ResNet-41/32/26 from the 100-epoch schedule with steps at 30/60/90
     budget = scratch_b_budget(100, ratio, rule="multiples", base_milestones=[30, 60, 90])
     assert (budget.epochs, budget.milestones) == (epochs, milestones)
     with pytest.raises(ValueError, match="multiples of the first"):

@@ -1,7 +1,7 @@
-"""The one FLOPs counter and its two conventions (paper-spec 1.3-1.4, design.md "FLOPs").
+"""The one FLOPs counter and its two conventions (docs/paper-settings.md §1.3-1.4, design.md "FLOPs").
 
 The ``"reference"`` convention is checked against counts written here directly from the formulas of
-paper-spec 1.4 (conv ``(2 k^2 C_in + [1 if bias]) C_out H W``, sparse conv ``(2 nnz + [C_out]) H W``,
+docs/paper-settings.md §1.4 (conv ``(2 k^2 C_in + [1 if bias]) C_out H W``, sparse conv ``(2 nnz + [C_out]) H W``,
 linear ``2 #w + #b``, BN2d ``2 numel(in)``, ReLU ``numel(in)`` per call, pool modules ``k^2 numel(out)``; BN1d,
 selections, additions, concatenations and pools instantiated in ``forward`` not counted), layer by layer
 from the width configs, on a dense, two channel-selected and a masked model.
@@ -33,7 +33,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# ---- independent counts from the formulas of paper-spec 1.4 ----------------------------------------------
+# ---- independent counts from the formulas of docs/paper-settings.md §1.4
+# ----------------------------------------------
 def conv(c_in: int, c_out: int, k: int, hw: int, bias: bool = False) -> int:
     return (2 * k * k * c_in + int(bias)) * c_out * hw * hw
 
@@ -70,7 +71,8 @@ def vgg_reference(cfg: list, num_classes: int, nnz: list[int] | None = None, bia
 
 
 def preresnet_reference(n: int, cfg: list[int], num_classes: int) -> int:
-    """Slimming's PreResNet (paper-spec 2.4): per block BN1 (full stream width) -> select -> ReLU (selected)
+    """Slimming's PreResNet (docs/paper-settings.md §2.4): per block BN1 (full stream width) -> select -> ReLU
+    (selected)
     -> conv1 -> BN2 -> ReLU -> conv2 (stride) -> BN3 -> ReLU -> conv3; a 1x1 downsample conv in the first
     block of a stage; then BN(256) -> select -> ReLU -> AvgPool2d(8) (a module: 64 * numel(out)) -> FC."""
     total = conv(3, 16, 3, 32)
@@ -90,7 +92,7 @@ def preresnet_reference(n: int, cfg: list[int], num_classes: int) -> int:
 
 
 def densenet_reference(n: int, growth: int, cfg: list[int], num_classes: int) -> int:
-    """Slimming's DenseNet (paper-spec 2.5): dense layer BN(stream) -> select -> ReLU -> conv3x3(reads ->
+    """Slimming's DenseNet (docs/paper-settings.md §2.5): dense layer BN(stream) -> select -> ReLU -> conv3x3(reads ->
     growth), concatenated (not counted); transition BN -> select -> ReLU -> conv1x1(reads -> stream), then a
     functional 2x2 average pool (not counted); final BN -> select -> ReLU -> AvgPool2d(8) -> FC."""
     stream, hw, k = 2 * growth, 32, 0
@@ -198,7 +200,7 @@ def test_macs_convention_is_unchanged_and_conventions_are_checked() -> None:
 
 
 def test_l1_models_keep_the_papers_ratios_under_the_reference_convention() -> None:
-    """paper-spec 1.3's analytic r (computed with compute_flops) for the L1 models, to 4 digits."""
+    """docs/paper-settings.md §1.3's analytic r (computed with compute_flops) for the L1 models, to 4 digits."""
     paper = {("cifar_vgg16", "A"): 1.519, ("cifar_resnet56", "A"): 1.1156, ("cifar_resnet56", "B"): 1.3791,
              ("cifar_resnet110", "A"): 1.1883, ("cifar_resnet110", "B"): 1.6273}
     for (name, cfg), r in paper.items():
@@ -210,7 +212,7 @@ def test_l1_models_keep_the_papers_ratios_under_the_reference_convention() -> No
 
 # ---- ours vs reference on slimming and weight-level models pruned from random weights -------------------
 def _slimmed(name: str, ratio: float, seed: int) -> tuple[nn.Module, nn.Module]:
-    """Network Slimming's global threshold on random BN gammas over the zoo's channel groups (paper-spec
+    """Network Slimming's global threshold on random BN gammas over the zoo's channel groups (docs/paper-settings.md
     6.2: keep gamma > sorted[int(N p)]), the pruned model built from the kept widths and selections.
 
     The zoo's groups of the slimming PreResNet / DenseNet are in ``cfg`` order, one per entry."""
@@ -242,7 +244,7 @@ def test_slimmed_models_get_fewer_epochs_under_the_reference_convention(name: st
 
 
 def test_weight_level_preresnet110_gets_fewer_epochs_under_the_reference_convention() -> None:
-    """r after the mask (paper-spec 12.2): non-zero conv weights, dense BN, ReLU and FC."""
+    """r after the mask (docs/paper-settings.md §12.2): non-zero conv weights, dense BN, ReLU and FC."""
     torch.manual_seed(0)
     model = create_model("bearpaw_preresnet110")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

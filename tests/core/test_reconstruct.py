@@ -174,7 +174,7 @@ def test_greedy_on_the_gram_matrix_equals_greedy_on_the_samples() -> None:
     g = torch.Generator().manual_seed(0)
     xhat = torch.randn(200, 7, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, 7, dtype=torch.float64)
     keep = thinet_greedy(xhat.T @ xhat, 3)
-    # paper-spec 4.2 step 2, literally: the removed set grows by the channel minimising the samples' error
+    # docs/paper-settings.md §4.2 step 2, literally: the removed set grows by the channel minimising the samples' error
     removed: list[int] = []
     while len(removed) < 4:
         cost = {j: float(xhat[:, removed + [j]].sum(1).square().sum()) for j in range(7) if j not in removed}
@@ -404,7 +404,7 @@ def _block_output_error(model: nn.Module, original: nn.Module, block: str, image
 
 @pytest.mark.parametrize("name", ["bearpaw_resnet50", pytest.param("slim_preresnet164", marks=pytest.mark.slow)])
 def test_shortcut_compensation_lowers_the_error_of_the_block_output(name) -> None:
-    # paper-spec 5.2 step 5: earlier layers leave an error on the residual stream (here: a perturbed stem);
+    # docs/paper-settings.md §5.2 step 5: earlier layers leave an error on the residual stream (here: a perturbed stem);
     # reconstructing a branch's last conv against Y1 + Y2 - Y2' makes the branch correct it, so the block's
     # output is closer to the original's than with the original branch output Y1 as the target.
     torch.manual_seed(0)

@@ -100,7 +100,7 @@ def test_sizes() -> None:
     params = {n: sum(p.numel() for p in create_model(n, num_classes=10).parameters()) for n in FULL}
     # DenseNet-40: convs 1,036,008 + BN 18,720 + fc 4,570. Network Slimming's Table 1 says 1.02M because the
     # original (Lua) DenseNet-40 has a 16-channel stem (-> 1,019,722); the PyTorch reference code, which
-    # the paper ran, uses 2 * growth = 24 (paper-spec 2.5).
+    # the paper ran, uses 2 * growth = 24 (docs/paper-settings.md §2.5).
     assert params["slim_densenet40"] == params["densenet40"] == 1_059_298
     assert 0.75e6 < params["densenet_bc100"] < 0.82e6  # DenseNet paper: 0.8M
     assert params["densenet_c100"] == pytest.approx(4.07e6, rel=0.01)
@@ -238,7 +238,7 @@ def test_channel_groups() -> None:
     slim = create_model("slim_densenet40")
     groups = channel_groups(slim)
     # Network Slimming's threshold sees every BN, one group each, all of them selections: no conv output
-    # of a DenseNet is ever cut (paper-spec 6.2)
+    # of a DenseNet is ever cut (docs/paper-settings.md §6.2)
     bns = [n for n, m in slim.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert sorted(g.bn for g in groups) == sorted(bns)
     assert len(groups) == 39 and all(g.selection is not None and not g.producers for g in groups)

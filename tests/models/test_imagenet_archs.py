@@ -1,4 +1,5 @@
-"""The paper's predefined ImageNet architectures as named width configs (paper-spec 1.3, 2.7, 4, 5, 7, 11.2-11.5).
+"""The paper's predefined ImageNet architectures as named width configs (docs/paper-settings.md §1.3, 2.7, 4, 5, 7,
+11.2-11.5).
 
 ThiNet-Conv / GAP / Tiny, ThiNet-30 / 50 / 70, VGG-16-5x, ResNet-50-2x, SSS ResNet-41 / 32 / 26 (pre-activation
 ResNet-50 family) and the Network Slimming VGG-11-BN path: FLOPs ratios against the unpruned model, the Scratch-B
@@ -34,7 +35,7 @@ from tests.helpers import masks_from_keeps, randomize_bn
 ROOT = Path(__file__).resolve().parents[2]
 M = "M"
 
-# paper-spec 2.7: cfg_2x of resnet_2x.py, triples [block input (informational), conv1 out, conv2 out]
+# docs/paper-settings.md §2.7: cfg_2x of resnet_2x.py, triples [block input (informational), conv1 out, conv2 out]
 CFG_2X_TRIPLES = [
     35, 64, 55, 101, 51, 39, 97, 50, 37, 144, 128, 106, 205, 105, 72, 198, 105, 72, 288, 128, 110, 278, 256, 225,
     418, 209, 147, 407, 204, 158, 423, 212, 155, 412, 211, 148, 595, 256, 213, 606, 512, 433, 1222, 512, 437,
@@ -63,11 +64,13 @@ def _ratio(dense: str, name: str, cfg: str) -> float:
 
 
 def _imagenet_b(ratio: float):
-    """ImageNet Scratch-B of the ThiNet / regression scripts: int(90 r), step E // 3, 2x cap (paper-spec 1.3)."""
+    """ImageNet Scratch-B of the ThiNet / regression scripts: int(90 r), step E // 3, 2x cap (docs/paper-settings.md
+    §1.3)."""
     return scratch_b_budget(90, ratio, rule="thirds", cap=2.0)
 
 
-# ---- FLOPs ratios and Scratch-B epochs (paper-spec 1.3 table, Tables 2 and 3) -------------------------------
+# ---- FLOPs ratios and Scratch-B epochs (docs/paper-settings.md §1.3 table, Tables 2 and 3)
+# -------------------------------
 
 
 @pytest.mark.parametrize(
@@ -96,7 +99,7 @@ def test_flops_ratio_and_scratch_b_epochs_match_paper(
 
 def test_resnet50_2x_ratio_and_scratch_b_within_two_epochs_of_paper() -> None:
     r = _ratio("resnet50", "resnet50", "2x")
-    assert 1.47 <= r <= 1.50  # paper-spec 1.3: "about 1.47-1.50"; ours 1.4978
+    assert 1.47 <= r <= 1.50  # docs/paper-settings.md §1.3: "about 1.47-1.50"; ours 1.4978
     budget = _imagenet_b(r)
     # The paper trained 132 epochs (step 44) [R], from its own counter; ours gives int(90 * 1.4978) = 134.
     assert budget.epochs == 134 and abs(budget.epochs - 132) <= 2
@@ -202,7 +205,8 @@ SSS = {
 def test_sss_depth_counts_convs_of_kept_branches(cfg: str | None, depth: int) -> None:
     model = _meta("sss_resnet50", cfg=cfg)
     pairs = SSS[cfg]
-    # paper-spec 2.7's depth check: stem conv + FC + 3 convs per unit keeping its branch, projections not counted
+    # docs/paper-settings.md §2.7's depth check: stem conv + FC + 3 convs per unit keeping its branch, projections not
+    # counted
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not n.endswith("downsample")]
     assert len(convs) + 1 == model.depth() == 2 + 3 * sum(a for a, _ in pairs) == depth
     for stage, (a, b), n in zip(model.stages(), pairs, (3, 4, 6, 3), strict=True):

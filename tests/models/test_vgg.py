@@ -65,7 +65,7 @@ def test_every_vgg_is_registered() -> None:
 
 
 def test_cifar_vgg16_flops_match_paper() -> None:
-    # paper-spec 1.3 / design.md: CIFAR VGG-16 = 3.13e8 MACs, VGG-16-A = 2.06e8, Scratch-B r = 1.519
+    # docs/paper-settings.md §1.3 / design.md: CIFAR VGG-16 = 3.13e8 MACs, VGG-16-A = 2.06e8, Scratch-B r = 1.519
     dense = count_flops(create_model("cifar_vgg16")).macs
     pruned = count_flops(create_model("cifar_vgg16", cfg="A")).macs
     assert dense == pytest.approx(3.13e8, rel=0.01)
@@ -83,14 +83,14 @@ def test_cifar_vgg16_flops_match_paper() -> None:
     ],
 )
 def test_imagenet_vgg16_flops_ratios_match_paper(name: str, cfg: str, ratio: float) -> None:
-    # paper-spec 1.3: FLOPs(VGG-16) / FLOPs(pruned) for ThiNet and regression pruning
+    # docs/paper-settings.md §1.3: FLOPs(VGG-16) / FLOPs(pruned) for ThiNet and regression pruning
     dense = count_flops(_meta("vgg16")).macs
     assert dense / count_flops(_meta(name, cfg=cfg)).macs == pytest.approx(ratio, rel=0.01)
 
 
 @pytest.mark.parametrize(("cfg", "params"), [("thinet_gap", 8.32e6), ("thinet_tiny", 1.32e6)])
 def test_thinet_gap_params_match_release(cfg: str, params: float) -> None:
-    # ThiNet README (paper-spec 4.2): VGG-GAP 8.32M params, VGG-Tiny 1.32M
+    # ThiNet README (docs/paper-settings.md §4.2): VGG-GAP 8.32M params, VGG-Tiny 1.32M
     assert count_flops(_meta("vgg16_gap", cfg=cfg)).params == pytest.approx(params, rel=0.01)
 
 

@@ -238,11 +238,12 @@ def test_scratch_b_convention_defaults_to_macs_and_only_reference_enters_the_has
     assert config_hash(ref) != config_hash(macs)
 
 
-# SSS trained in MXNet: its Scratch-B schedule (paper-spec 1.3) does not come from a compute_flops.py
+# SSS trained in MXNet: its Scratch-B schedule (docs/paper-settings.md §1.3) does not come from a compute_flops.py
 @pytest.mark.parametrize("path", [p for p in EXPERIMENTS if not p.stem.startswith(("quickstart", "sss_"))],
                          ids=lambda p: p.stem)
 def test_paper_configs_compute_scratch_b_with_the_reference_convention(path: Path, monkeypatch) -> None:
-    """The paper's epochs came from its reference counters (paper-spec 1.3-1.4); tables keep quoting MACs."""
+    """The paper's epochs came from its reference counters (docs/paper-settings.md §1.3-1.4); tables keep quoting
+    MACs."""
     monkeypatch.chdir(REPO)
     exp = load_experiment(path.relative_to(REPO))
     assert all(r.convention == "reference" for r in exp.regimes.values() if r.compute)

@@ -4,11 +4,11 @@ Both methods choose the channels of a group by the layer that *reads* them (the 
 the next conv, or a Linear after a flatten), keeping the input channels that best reconstruct the
 consumer's output on training images, and then refit the consumer's weights on the kept channels.
 
-* **ThiNet** (Luo, Wu, Lin, ICCV 2017; paper-spec 4.2): for random output positions and one random
+* **ThiNet** (Luo, Wu, Lin, ICCV 2017; docs/paper-settings.md §4.2): for random output positions and one random
   output channel ``c`` per sample, ``xhat_j`` is input channel ``j``'s contribution to that output, so
   ``y = sum_j xhat_j``. Channels are removed greedily, each time the one whose removal adds the least
   squared error, then every kept input slice of the consumer is rescaled by least squares.
-* **Channel pruning** (He, Zhang, Sun, ICCV 2017; paper-spec 5.2): ``Z_i`` is channel ``i``'s
+* **Channel pruning** (He, Zhang, Sun, ICCV 2017; docs/paper-settings.md §5.2): ``Z_i`` is channel ``i``'s
   contribution to *all* outputs at the sampled positions; a LASSO on the coefficients ``beta_i`` of the
   flattened ``Z_i``, with ``alpha`` found by binary search, selects the channels, and the consumer's
   weights on them are refitted by least squares against targets ``Y`` (from the original network when

@@ -68,7 +68,7 @@ def lasso_select(
     rank_tol: float = 0.1,
     max_steps: int = 60,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """He et al.'s LASSO channel selection with a binary search on alpha (paper-spec 5.2 step 2).
+    """He et al.'s LASSO channel selection with a binary search on alpha (docs/paper-settings.md §5.2 step 2).
 
     The search looks for an alpha whose solution has between ``num_keep`` and ``num_keep (1 + rank_tol)``
     non-zero coefficients, as He et al.'s does, but brackets it from above: at ``alpha_max = max |q|`` every

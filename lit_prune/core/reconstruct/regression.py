@@ -1,4 +1,4 @@
-"""He et al.'s channel pruning (ICCV 2017; paper-spec 5.2): patch statistics and least squares.
+"""He et al.'s channel pruning (ICCV 2017; docs/paper-settings.md §5.2): patch statistics and least squares.
 
 ``Z_i`` is channel ``i``'s contribution to *all* outputs at the sampled positions. Kept: the patch Gram
 ``H = X^T X`` ((C k) x (C k)) and ``B = X^T Y`` ((C k) x n). With the consumer's weights W (n x C x k), the
@@ -24,7 +24,7 @@ from lit_prune.core.reconstruct.structure import ConsumerView
 
 def compensates(view: ConsumerView, original: nn.Module | None, compensate_shortcut: bool) -> bool:
     """Whether the targets get the shortcut compensation: asked for, an original network gives the targets,
-    and the consumer ends a residual branch (paper-spec 5.2 step 5)."""
+    and the consumer ends a residual branch (docs/paper-settings.md §5.2 step 5)."""
     return bool(compensate_shortcut) and original is not None and view.ends_branch
 
 
@@ -48,13 +48,13 @@ def collect_regression_stats(
         group: the group whose channels the consumer reads.
         batches: images, or (images, targets) pairs.
         original: the unpruned network (same module paths, frozen) that gives the targets
-            ``Y = W_orig x_orig`` (pre-bias) at the same positions (paper-spec 5.2 step 1); None takes them
+            ``Y = W_orig x_orig`` (pre-bias) at the same positions (docs/paper-settings.md §5.2 step 1); None takes them
             from ``model`` itself.
         positions_per_image: output positions sampled per image (He et al. use 10).
         generator: seeded CPU generator for the positions.
         reduce_fn: all-reduce (sum) applied to the accumulators after this process's images.
         compensate_shortcut: when the consumer ends a residual branch (:attr:`ConsumerView.ends_branch`) and
-            ``original`` is given, aim at ``Y1 + Y2 - Y2'`` (paper-spec 5.2 step 5): the original branch
+            ``original`` is given, aim at ``Y1 + Y2 - Y2'`` (docs/paper-settings.md §5.2 step 5): the original branch
             output plus the original shortcut minus the current network's shortcut, so that the refitted
             branch makes up for the error the shortcut already carries. These targets live where the two
             paths are added, after the end conv's BN and gate
@@ -139,7 +139,7 @@ def regression_lasso_problem(stats: GramStats, weight: torch.Tensor) -> tuple[to
 def least_squares_weight(
     stats: GramStats, weight: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-4
 ) -> torch.Tensor:
-    """Least-squares reconstruction of the consumer on the kept channels (paper-spec 5.2 step 3).
+    """Least-squares reconstruction of the consumer on the kept channels (docs/paper-settings.md §5.2 step 3).
 
     Solves ``min_W' ||Y - X_S W'^T||^2 + lam ||W' - W_S||^2`` with ``(H_SS + lam I) W'^T = B_S + lam W_S^T``.
     The ridge pulls towards the current weights, so directions the samples do not determine keep their

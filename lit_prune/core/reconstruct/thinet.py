@@ -1,4 +1,4 @@
-"""ThiNet (Luo, Wu, Lin, ICCV 2017; paper-spec 4.2): contribution statistics, greedy removal, rescaling.
+"""ThiNet (Luo, Wu, Lin, ICCV 2017; docs/paper-settings.md §4.2): contribution statistics, greedy removal, rescaling.
 
 For random output positions and one random output channel ``c`` per sample, ``xhat_j`` is input channel
 ``j``'s contribution to that output, so ``y = sum_j xhat_j``. Only ``G = Xhat^T Xhat`` (C x C) is kept: the
@@ -77,7 +77,7 @@ def collect_thinet_stats(
 
 
 def thinet_greedy(gram: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """ThiNet's greedy removal (paper-spec 4.2 step 2) on the Gram matrix of the contributions.
+    """ThiNet's greedy removal (docs/paper-settings.md §4.2 step 2) on the Gram matrix of the contributions.
 
     Starting from an empty removed set T, repeatedly remove the channel j minimising
     ``1_{T+j}^T G 1_{T+j} = 1_T^T G 1_T + 2 (G 1_T)_j + G_jj`` until ``num_keep`` channels remain; the
@@ -103,7 +103,7 @@ def thinet_greedy(gram: torch.Tensor, num_keep: int) -> torch.Tensor:
 
 
 def thinet_scales(stats: GramStats, keep: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-    """ThiNet's least-squares rescaling (paper-spec 4.2 step 3) of the kept channels.
+    """ThiNet's least-squares rescaling (docs/paper-settings.md §4.2 step 3) of the kept channels.
 
     Solves ``min_w sum (y - w^T xhat_S)^2 + lam ||w - 1||^2``: the ridge pulls towards 1 (plain removal),
     so a rank-deficient sample set leaves a channel's scale unchanged instead of zeroing it.

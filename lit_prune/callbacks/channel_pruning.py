@@ -66,30 +66,11 @@ class ChannelPruning(ReconstructionPruning):
     """
 
     def __init__(
-        self,
-        target: str | None = None,
-        prune_ratio: float | dict[str, float] | None = None,
-        layers: list[str] | None = None,
-        skip: list[str] | None = None,
-        num_images: int = 5000,
-        positions_per_image: int = 10,
-        seed: int = 0,
-        batch_size: int | None = None,
-        ridge: float = 1e-4,
-        finetune_steps: int = 0,
-        finetune_lr: float = 1e-3,
-        finetune_weight_decay: float = 1e-4,
-        rank_tol: float = 0.1,
-        channel_sampler: bool = False,
-        shortcut_compensation: bool = True,
-        artifact_path: str | None = "pruned.pt",
+        self, rank_tol: float = 0.1, channel_sampler: bool = False, shortcut_compensation: bool = True, **kwargs: Any
     ) -> None:
         self._regression = {"rank_tol": rank_tol, "channel_sampler": channel_sampler,
                             "shortcut_compensation": shortcut_compensation}
-        super().__init__(target=target, prune_ratio=prune_ratio, layers=layers, skip=skip, num_images=num_images,
-                         positions_per_image=positions_per_image, seed=seed, batch_size=batch_size, ridge=ridge,
-                         finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                         finetune_weight_decay=finetune_weight_decay, artifact_path=artifact_path)
+        super().__init__(**kwargs)
 
     @override
     def build(self, args: dict[str, Any]) -> RegressionReconstruction:

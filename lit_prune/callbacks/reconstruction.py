@@ -1,24 +1,7 @@
-"""Shared driver of the data-driven, layer-by-layer reconstruction methods (ThiNet, He et al.'s channel pruning).
-
-Both methods walk the model's channel groups from shallow to deep. For each group they collect statistics
-of its consumer on training images from the *current* network (the layers before are already pruned and
-refitted), choose the channels, write the consumer's refitted weights and remove the channels physically
-(:mod:`lit_prune.core.reconstruct`). A zoo model is left as it is: the work happens on a deep copy whose final
-state is the artifact. A model outside the zoo cannot be written as an artifact, so it is pruned in place.
-
-Data: the first ``num_images`` images of a seeded permutation of the training set (the trainer's train
-dataloader at the end of training, or the prune CLI's ``--data-config``), in batches of ``batch_size``.
-Under DDP each rank takes every world_size-th of those images, sums its statistics, and an all-reduce
-(``strategy.reduce``, sum) gives every rank the same statistics; rank 0's decision is broadcast anyway.
-While a layer's statistics are collected, rank 0 logs its progress every ``progress_seconds`` (10 s), and
-one line per layer gives the decision and its reconstruction errors.
-
-Optional fine-tuning between layers (ThiNet fine-tunes briefly after each layer, docs/paper-settings.md §4.2 step 5):
-with ``finetune_steps > 0`` the copy takes that many SGD steps (momentum 0.9, cross-entropy on the training
-labels) after each pruned layer, before the next layer's statistics are collected. BatchNorm layers keep
-their running statistics during these steps (as in fine-tuning with frozen statistics), and under DDP
-each rank reads its own share of every batch and the gradients are averaged across ranks, so every rank
-keeps the same weights.
+"""The Lightning side of the data-driven, layer-by-layer methods (ThiNet, He et al.'s channel pruning): their YAML
+arguments, and the hook that prunes when training ends, from the trainer's training data. How the walk samples
+images, refits each layer, fine-tunes between layers and stays identical across DDP ranks is described in
+:mod:`lit_prune.methods.reconstruction`.
 """
 
 

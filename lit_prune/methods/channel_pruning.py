@@ -32,27 +32,10 @@ class RegressionReconstruction(LayerwiseReconstruction):
     name = "channel_pruning"
 
     def __init__(
-        self,
-        target: str | None = None,
-        prune_ratio: float | dict[str, float] | None = None,
-        layers: list[str] | None = None,
-        skip: list[str] | None = None,
-        num_images: int = 5000,
-        positions_per_image: int = 10,
-        seed: int = 0,
-        batch_size: int | None = None,
-        ridge: float = 1e-4,
-        finetune_steps: int = 0,
-        finetune_lr: float = 1e-3,
-        finetune_weight_decay: float = 1e-4,
-        rank_tol: float = 0.1,
-        channel_sampler: bool = False,
-        shortcut_compensation: bool = True,
+        self, *, rank_tol: float = 0.1, channel_sampler: bool = False, shortcut_compensation: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(target=target, prune_ratio=prune_ratio, layers=layers, skip=skip, num_images=num_images,
-                         positions_per_image=positions_per_image, seed=seed, batch_size=batch_size, ridge=ridge,
-                         finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                         finetune_weight_decay=finetune_weight_decay)
+        super().__init__(**common)  # the walk's arguments (LayerwiseReconstruction)
         if isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float)) or rank_tol < 0:
             raise ValueError(f"rank_tol must be a number >= 0 (He et al. use 0.1), got {rank_tol!r}")
         self.rank_tol, self.channel_sampler = float(rank_tol), bool(channel_sampler)

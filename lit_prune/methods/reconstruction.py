@@ -80,23 +80,8 @@ class LayerwiseReconstruction(PruningMethod):
     Subclasses implement :meth:`reconstruct_group` (one group's decision) and may override
     :meth:`reference` (a frozen copy of the unpruned network for the targets).
 
-    Args:
-        target: name of a width config of the model (``"thinet_conv"``, ``"5x"``, ``"thinet70"``): the keep
-            counts are that architecture's widths, layer by layer.
-        prune_ratio: fraction of channels removed, one number for every selected layer or a mapping from
-            layer name patterns to fractions; ``num_keep = int(C * (1 - ratio))`` (ThiNet-70 keeps 70%:
-            ``prune_ratio: 0.3``).
-        layers: layer name patterns that may be pruned (default: every group with one conv or linear consumer).
-        skip: layer name patterns left whole.
-        num_images: training images sampled (the first of a permutation seeded by ``seed``), over all ranks.
-        positions_per_image: output positions sampled per image and layer (both papers use 10).
-        seed: seed of the image permutation and of the position sampling.
-        batch_size: images per forward pass while sampling; None uses the train loader's batch size.
-        ridge: relative ridge of the least-squares refits (towards the unrefitted weights).
-        finetune_steps: SGD steps (batches per rank) of fine-tuning after each pruned layer; 0 (default) prunes
-            every layer without fine-tuning in between (fine-tune the artifact afterwards).
-        finetune_lr: learning rate of those steps (ThiNet: 0.001).
-        finetune_weight_decay: their weight decay.
+    Arguments: those of :class:`lit_prune.callbacks.reconstruction.ReconstructionPruning`, which documents
+    them for YAML (``target`` or ``prune_ratio``, ``layers``, ``skip``, ``num_images``, ...).
 
     Exactly one of ``target`` and ``prune_ratio`` is given.
     """

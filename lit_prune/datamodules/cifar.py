@@ -29,6 +29,7 @@ Example (YAML, LightningCLI)::
         dataset: cifar100
         batch_size: 64
         download: true
+        device: true    # the whole split on the training device, augmented there (much faster on a GPU)
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ import pickle
 from typing import Any
 
 import numpy as np
+import torch
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from lit_prune.datamodules.base import ImageClassificationDataModule
+from lit_prune.datamodules.base import DeviceAugmentation, ImageClassificationDataModule
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
@@ -222,6 +224,8 @@ class CIFARDataModule(ImageClassificationDataModule):
         normalization: ``"l1"`` (CIFAR-10 statistics for both datasets) or ``"sfp"`` (per dataset).
         augment: pad-4 random crop and horizontal flip on the training split.
         verify: check the md5 of every file, as torchvision does. Turn off only for generated data.
+        device: the device-resident path (:mod:`lit_prune.datamodules.base`): each split held once as uint8 on
+            the training device, the same pad-4 crop and flip drawn per image there, the same normalisation.
 
     Raises:
         ValueError: on an unknown ``dataset`` or ``normalization``.
@@ -238,8 +242,9 @@ class CIFARDataModule(ImageClassificationDataModule):
         normalization: str = "l1",
         augment: bool = True,
         verify: bool = True,
+        device: bool = False,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, pin_memory)
+        super().__init__(root, batch_size, num_workers, pin_memory, device)
         if dataset not in _NUM_CLASSES:
             raise ValueError(f"dataset must be one of {sorted(_NUM_CLASSES)}, got {dataset!r}")
         if normalization not in _STATS:
@@ -293,6 +298,15 @@ class CIFARDataModule(ImageClassificationDataModule):
     def test_transform(self) -> T.Compose:
         """Transform of the test split: ToTensor and Normalize only."""
         return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def resident_tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's uint8 images as (N, 3, 32, 32) (torchvision keeps them HWC) and its labels."""
+        images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+        return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
+
+    def device_augmentation(self) -> DeviceAugmentation | None:
+        """The device path's form of :meth:`train_transform`: zero-pad 4, random 32x32 crop, random flip."""
+        return DeviceAugmentation(padding=4, flip=True) if self.augment else None
 
     def prepare_data(self) -> None:
         if not self.download:

@@ -54,9 +54,12 @@ class ImageNetDataModule(ImageClassificationDataModule):
         resize_size: shorter side after resizing, before the validation centre crop.
         num_classes: number of classes. ``None`` counts the class folders of ``<root>/train`` when it
             exists (so a subset of ImageNet works unchanged), else 1000.
+        device: refused: ImageNet does not fit in device memory (the device-resident path is for CIFAR and
+            MNIST); accepted as ``false`` so that every datamodule has the option.
 
     Raises:
-        ValueError: on non-positive sizes, ``resize_size < image_size`` or ``num_classes < 1``.
+        ValueError: on non-positive sizes, ``resize_size < image_size``, ``num_classes < 1`` or
+            ``device: true``.
     """
 
     def __init__(
@@ -68,7 +71,15 @@ class ImageNetDataModule(ImageClassificationDataModule):
         image_size: int = 224,
         resize_size: int = 256,
         num_classes: int | None = None,
+        device: bool = False,
     ) -> None:
+        if device:
+            raise ValueError(
+                "ImageNetDataModule does not support `device: true`: the device-resident path holds a whole "
+                "split in device memory as uint8, which is for the small datasets (CIFAR-10/100, MNIST-5k); "
+                "ImageNet's 1.28M training images at 224x224 would need ~190 GB. Use the classic path "
+                "(`device: false`, the default) with enough `num_workers` for JPEG decoding."
+            )
         super().__init__(root, batch_size, num_workers, pin_memory)
         if image_size < 1 or resize_size < image_size:
             raise ValueError(

@@ -13,6 +13,7 @@ Example (YAML, LightningCLI)::
       class_path: datamodules.MNIST5kDataModule
       init_args:
         batch_size: 64
+        device: true    # optional: the digits on the training device, batches formed there
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lit_prune.datamodules.base import ImageClassificationDataModule
+from lit_prune.datamodules.base import DeviceAugmentation, ImageClassificationDataModule
 
 FILENAME = "mnist_5k.csv.gz"
 MNIST_MEAN = 0.1307
@@ -103,6 +104,7 @@ class InMemoryImageDataset(Dataset):
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         self.images, self.labels = images, labels
         self.channels, self.crop_padding, self.fill = channels, crop_padding, fill
+        self.indices: torch.Tensor | None = None  # rows of the source file, when the module records them
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -130,6 +132,8 @@ class MNIST5kDataModule(ImageClassificationDataModule):
         val_fraction: fraction of the 5,000 images held out for validation (and test).
         split_seed: seed of the train/validation split (independent of the training seed).
         augment: random 32x32 crop after padding by 4 on the training split.
+        device: the device-resident path (:mod:`lit_prune.datamodules.base`): the padded uint8 digits held once
+            on the training device, the same crop drawn per image there, the same normalisation.
 
     Raises:
         ValueError: ``val_fraction`` leaves an empty split.
@@ -145,8 +149,9 @@ class MNIST5kDataModule(ImageClassificationDataModule):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         augment: bool = False,
+        device: bool = False,
     ) -> None:
-        super().__init__(root or "", batch_size, num_workers, pin_memory)
+        super().__init__(root or "", batch_size, num_workers, pin_memory, device)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.save_hyperparameters()
@@ -184,16 +189,26 @@ class MNIST5kDataModule(ImageClassificationDataModule):
         perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(self.split_seed))
         return perm[num_val:], perm[:num_val]
 
+    def resident_tensors(self, dataset: InMemoryImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's padded digits as uint8 (N, 1, 32, 32) and its labels."""
+        return self._padded[dataset.indices], dataset.labels
+
+    def device_augmentation(self) -> DeviceAugmentation | None:
+        """The device path's form of the classic crop: pad 4 with black, random 32x32 crop; no flip."""
+        return DeviceAugmentation(padding=4, flip=False) if self.augment else None
+
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
         raw, labels = load_mnist_5k(self.path)
         # (N, 1, 28, 28) uint8 -> (N, 1, 32, 32) float: zero pad (black border), scale, normalise.
-        images = (F.pad(raw, (_PAD,) * 4).float() / 255.0 - MNIST_MEAN) / MNIST_STD
+        self._padded = F.pad(raw, (_PAD,) * 4)  # uint8, what the device path holds
+        images = (self._padded.float() / 255.0 - MNIST_MEAN) / MNIST_STD
         train_idx, val_idx = self.split_indices(labels.shape[0])
         fill = -MNIST_MEAN / MNIST_STD  # a black pixel after normalisation
         self.train_set = InMemoryImageDataset(
             images[train_idx], labels[train_idx], crop_padding=4 if self.augment else 0, fill=fill
         )
         self.val_set = InMemoryImageDataset(images[val_idx], labels[val_idx])
+        self.train_set.indices, self.val_set.indices = train_idx, val_idx  # rows of the file, for the device path
         self.test_set = self.val_set

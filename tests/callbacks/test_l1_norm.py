@@ -264,6 +264,9 @@ class ProbeL1(L1FilterPruning):
 
 
 
+# the default suite checks L1's DDP contract (ranks agree, one artifact) in test_ddp_contract.py; this one adds
+# rank-dependent proposals that rank 0's broadcast must override
+@pytest.mark.slow
 def test_ddp_two_processes_write_one_artifact_with_rank0_decisions(tmp_path: Path) -> None:
     (tmp_path / "ddp_probe.py").write_text(PROBE)
     out = tmp_path / "probe"

@@ -299,7 +299,9 @@ class RankProbeSSS(SparseStructureSelection):
         super().on_train_end(trainer, pl_module)
 
 
-# ~25 s (two processes, each importing torch and Lightning): under the 30 s the default suite allows a DDP test
+# ~25 s (two processes, each importing torch and Lightning); the default suite checks SSS's DDP contract in
+# test_ddp_contract.py, this one adds that the factors moved and the artifact is the final checkpoint's export
+@pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_factors_and_write_one_artifact(tmp_path: Path) -> None:
     probe, run = tmp_path / "probe", tmp_path / "run"
     probe.mkdir()

@@ -39,11 +39,14 @@ class EpochProgress(pl.Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._start: float | None = None
+        self._lr: float | None = None
         self._durations: list[float] = []
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.monotonic()
+        # the epoch's LR: by the epoch's end, an epoch-interval scheduler has already stepped to the next one
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -63,8 +66,8 @@ class EpochProgress(pl.Callback):
             value = metrics.get(key)
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 parts.append(fmt.format(float(value)))
-        if trainer.optimizers:
-            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
+        if self._lr is not None:
+            parts.append(f"lr {self._lr:.3g}")
         per_epoch = sum(self._durations[-3:]) / len(self._durations[-3:])  # the recent pace
         parts.append(f"{per_epoch:.1f} s/epoch")
         if total and total > 0:

@@ -13,7 +13,8 @@ from lit_prune.protocol.run import PROGRESS_PREFIX, _ProgressEcho
 
 
 def test_one_line_per_epoch_with_loss_accuracy_lr_and_eta(tmp_path: Path, tiny_data, caplog) -> None:
-    module = ImageClassifier(arch="cifar_resnet20", cfg=[4, 4, 4, 8, 8, 8, 16, 16, 16], num_classes=10)
+    module = ImageClassifier(arch="cifar_resnet20", cfg=[4, 4, 4, 8, 8, 8, 16, 16, 16], num_classes=10,
+                             milestones=[1])  # the LR drops from 0.1 to 0.01 after the first epoch
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[EpochProgress()], num_sanity_val_steps=0)
@@ -21,8 +22,9 @@ def test_one_line_per_epoch_with_loss_accuracy_lr_and_eta(tmp_path: Path, tiny_d
         trainer.fit(module, datamodule=tiny_data)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(PREFIX)]
     assert [line.split(" | ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
-    for field in ("train/loss ", "val/loss ", "val/acc1 ", "lr ", " s/epoch", "ETA "):
+    for field in ("train/loss ", "val/loss ", "val/acc1 ", " s/epoch", "ETA "):
         assert all(field in line for line in lines), (field, lines)
+    assert [line.split(" | ")[4] for line in lines] == ["lr 0.1", "lr 0.01"]  # the LR each epoch trained with
     assert lines[-1].endswith("ETA 0 s")
 
 

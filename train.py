@@ -3,7 +3,9 @@
 The command is :mod:`lit_prune.cli.train` (lit-prune's LightningCLI).
 """
 
-from lit_prune.cli.train import main
+import sys
+
+from lit_prune.cli.train import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -148,3 +148,10 @@ def test_help_prints_without_loading_torch(command: str) -> None:
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "pytorch_lightning", "lightning"}, sorted(imported & {"torch", "pytorch_lightning"})
+
+
+def test_train_py_prints_the_toolkits_errors_without_a_traceback() -> None:
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--model.lr", "-1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: lr must be > 0, got -1.0" in proc.stderr and "Traceback" not in proc.stderr

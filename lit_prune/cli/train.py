@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -52,3 +55,22 @@ def main(args: list[str] | None = None) -> LitPruneCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
     )
+
+
+#: the toolkit's own errors: each says what is wrong and what to do, so the traceback only hides the message
+CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def run(args: list[str] | None = None) -> int:
+    """``python train.py``: :func:`main`, with the toolkit's clear errors printed as one line (exit 2).
+
+    ``LIT_PRUNE_TRACEBACK=1`` shows the traceback instead.
+    """
+    try:
+        main(args)
+    except CLEAR_ERRORS as err:
+        if os.environ.get("LIT_PRUNE_TRACEBACK"):
+            raise
+        print(f"error: {err}\n(LIT_PRUNE_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
+    return 0

@@ -81,13 +81,27 @@ def load_datamodule(path: str | Path) -> Any:
     return datamodule
 
 
+def _read_checkpoint(path: str) -> Any:
+    """``torch.load(path, weights_only=True)``, with errors that name the file and say what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}" + (" (a directory)" if p.is_dir() else ""))
+    if p.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): a run killed while writing it? Use an earlier checkpoint")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or holding code that weights_only refuses
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); "
+                         "give a Lightning checkpoint or a pruned artifact") from err
+
+
 def load_source(
     checkpoint: str | None, arch: str | None, weights: str | None, num_classes: int | None
 ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
     """The large model (a Lightning checkpoint, an artifact, or a zoo arch with a plain state dict) and the
     theta_0 it carries, if any (a lottery-ticket run's callback state, or an artifact's ``init_state``)."""
     if checkpoint is not None:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        obj = _read_checkpoint(checkpoint)
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
             art = load_artifact(checkpoint)
             return build_model(art), art.init_state

@@ -100,3 +100,29 @@ def test_exact_zero_weights_of_a_physically_pruned_model_do_not_change_its_flops
     masks = {"layer1.0.conv1.weight": pruned.layer1[0].conv1.weight.detach() != 0}
     masked = make_artifact(pruned, method="test", dense=Counts(macs=counts.macs, params=counts.params), masks=masks)
     assert masked.flops.pruned.macs < counts.macs
+
+
+def _bad_checkpoint(kind: str, d: Path) -> Path:
+    path = d / f"{kind}.ckpt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "junk":
+        path.write_text("not a checkpoint")
+    elif kind == "directory":
+        path.mkdir()
+    return path  # "missing": nothing there
+
+
+@pytest.mark.parametrize(("kind", "message"), [("missing", "no checkpoint at"), ("empty", "is empty (0 bytes)"),
+                                               ("junk", "is not a readable checkpoint"), ("directory", "(a directory)")])
+def test_the_prune_cli_names_a_bad_checkpoint_and_writes_nothing(kind: str, message: str, tmp_path: Path,
+                                                                 capsys) -> None:
+    from lit_prune.cli.prune import main
+
+    ckpt = _bad_checkpoint(kind, tmp_path)
+    out = tmp_path / "out" / "pruned.pt"
+    method = Path(__file__).resolve().parents[1] / "configs" / "methods" / "l1_quickstart.yaml"
+    assert main(["--checkpoint", str(ckpt), "--config", str(method), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(ckpt) in err and "Traceback" not in err
+    assert not out.exists()

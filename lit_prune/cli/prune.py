@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             art = _prune(args)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        # str() of an OSError is "[Errno 2] ...: 'path'"; its args[0] would be the bare errno
+        message = err.args[0] if err.args and not isinstance(err, OSError) else str(err)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     f = art.flops
     print(f"wrote {args.out}: {art.architecture.name} {f.pruned.macs:,} MACs "

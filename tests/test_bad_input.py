@@ -113,8 +113,10 @@ def _bad_checkpoint(kind: str, d: Path) -> Path:
     return path  # "missing": nothing there
 
 
-@pytest.mark.parametrize(("kind", "message"), [("missing", "no checkpoint at"), ("empty", "is empty (0 bytes)"),
-                                               ("junk", "is not a readable checkpoint"), ("directory", "(a directory)")])
+@pytest.mark.parametrize(("kind", "message"), [
+    ("missing", "no checkpoint at"), ("empty", "is empty (0 bytes)"), ("junk", "is not a readable checkpoint"),
+    ("directory", "(a directory)"),
+])
 def test_the_prune_cli_names_a_bad_checkpoint_and_writes_nothing(kind: str, message: str, tmp_path: Path,
                                                                  capsys) -> None:
     from lit_prune.cli.prune import main

@@ -25,7 +25,8 @@ def collect(config: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
     """Gather every stage's metrics into ``{variant: {row: {...}}}``."""
     from lit_prune.artifact import load_artifact
 
-    results: dict[str, Any] = {"name": config.name, "seeds": list(config.seeds), "variants": {}}
+    results: dict[str, Any] = {"name": config.name, "seeds": list(config.seeds), "data": _data_name(config),
+                               "variants": {}}
     for v in config.variants:
         rows: dict[str, Any] = {}
         for row in ("unpruned", "pruned", *config.regimes):
@@ -48,6 +49,13 @@ def collect(config: ExperimentConfig, layout: RunLayout) -> dict[str, Any]:
         flops = load_artifact(art_path).flops.to_dict() if art_path.is_file() else None  # results.json: plain data
         results["variants"][v.name] = {"rows": rows, "flops": flops}
     return results
+
+
+def _data_name(config: ExperimentConfig) -> str:
+    """The base config's data, as a reader names it: its ``dataset`` argument, else its datamodule's class."""
+    data = (config.docs.get(config.base) or {}).get("data") or {}
+    args = data.get("init_args") or {}
+    return str(args.get("dataset") or str(data.get("class_path", "")).rpartition(".")[2].removesuffix("DataModule"))
 
 
 def results_table(config: ExperimentConfig, results: dict[str, Any]) -> str:
@@ -91,42 +99,61 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     variants = results["variants"]
     rows_all = list(dict.fromkeys(r for v in variants.values() for r in v["rows"]))
+    shared = [r for r in ("unpruned",) if r in rows_all]  # one large model per seed: one bar, not one per variant
+    per_variant = [r for r in rows_all if r not in shared]
+    slots = shared + per_variant
     several = len(variants) > 1
-    fig = Figure(figsize=(11 if several else 6, 4))
+    fig = Figure(figsize=(11 if several else 6.5, 4.4))
     axes = fig.subplots(1, 2 if several else 1, squeeze=False)
     ax = axes[0][0]
     width = 0.8 / max(len(variants), 1)
+    first = next(iter(variants.values()))
+    for r in shared:  # drawn once, in grey
+        row = first["rows"][r]
+        bars = ax.bar([slots.index(r) + 0.4 - width / 2], [row["acc1_mean"]], 0.8, yerr=[row["acc1_std"]], capsize=3,
+                      color="0.6", label="unpruned (large model)")
+        ax.bar_label(bars, labels=[f"{row['acc1_mean']:.2f}"], fontsize=7, padding=2)
+    # zoom on the trained models; the pruned-but-not-retrained bar falls far below: it is marked at the bottom
+    accs = [r["acc1_mean"] for v in variants.values() for k, r in v["rows"].items() if k != "pruned"]
+    low, high = (max(0.0, min(accs) - 3), min(100.0, max(accs) + 1.5)) if accs else (0.0, 100.0)
     for j, (name, v) in enumerate(variants.items()):
-        rows = [r for r in rows_all if r in v["rows"]]
-        xs = [rows_all.index(r) + j * width for r in rows]
+        rows = [r for r in per_variant if r in v["rows"]]
+        xs = [slots.index(r) + j * width for r in rows]
         means = [v["rows"][r]["acc1_mean"] for r in rows]
         bars = ax.bar(xs, means, width, yerr=[v["rows"][r]["acc1_std"] for r in rows], capsize=3, label=name)
-        ax.bar_label(bars, labels=[f"{m:.2f}" for m in means], fontsize=7, padding=2)
-    names = [LABELS.get(r, r).split(" (")[0] for r in rows_all]
-    if "pruned" in rows_all:  # its bar usually falls below the zoomed axis: give its value in the label
-        pruned = [f"{v['rows']['pruned']['acc1_mean']:.1f}" for v in variants.values() if "pruned" in v["rows"]]
-        names[rows_all.index("pruned")] = f"Pruned\n({', '.join(pruned)})"
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows_all))], names, rotation=20)
-    # zoom on the trained models; the pruned-but-not-retrained bar may fall below (its value is printed)
-    accs = [r["acc1_mean"] for v in variants.values() for k, r in v["rows"].items() if k != "pruned"]
-    if accs:
-        ax.set_ylim(max(0.0, min(accs) - 3), min(100.0, max(accs) + 1.5))
-    ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title(results["name"])
-    ax.legend(title="pruned model", loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(variants), 4),
-              fontsize=8)
+        ax.bar_label(bars, labels=[f"{m:.2f}" if m >= low else "" for m in means], fontsize=7, padding=2)
+        for x, m in zip(xs, means, strict=True):
+            if m < low:  # below the zoomed axis: say where it is instead of leaving an empty slot
+                ax.annotate(f"{m:.1f}", (x, low), xytext=(0, 8), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7, arrowprops={"arrowstyle": "->", "lw": 0.8})
+    below = {r for v in variants.values() for r, row in v["rows"].items() if row["acc1_mean"] < low}
+    names = [LABELS.get(r, r) + ("\n(below the axis)" if r in below else "") for r in slots]
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(slots))], names, rotation=20, fontsize=8)
+    ax.set_ylim(low, high)
+    ax.set_ylabel("test top-1 accuracy (%)" + (f"\n(axis from {low:.0f}%, not 0)" if low > 0 else ""))
+    n = max((row["n"] for v in variants.values() for row in v["rows"].values()), default=0)
+    data = f"{results['data']}, " if results.get("data") else ""
+    ax.set_title(f"{results['name']}: {data}mean ± std over {n} seed{'s' if n != 1 else ''}", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(len(variants) + len(shared), 4), fontsize=8)
     if several:
         ax2 = axes[0][1]
-        for regime in [r for r in rows_all if r not in ("unpruned", "pruned")]:
+        for regime in [r for r in per_variant if r != "pruned"]:
             pts = sorted((v["flops"]["pruned"]["macs"], v["rows"][regime]["acc1_mean"], v["rows"][regime]["acc1_std"])
                          for v in variants.values() if v["flops"] and regime in v["rows"])
             if pts:
                 ax2.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", capsize=3,
                              label=LABELS.get(regime, regime))
-        ax2.set_xlabel("MACs of the pruned model")
+        flops = next((v["flops"] for v in variants.values() if v["flops"]), None)
+        if shared and flops:  # the large model as the reference point
+            row = first["rows"]["unpruned"]
+            ax2.errorbar([flops["dense"]["macs"]], [row["acc1_mean"]], [row["acc1_std"]], marker="*", markersize=10,
+                         color="0.4", linestyle="none", capsize=3, label="unpruned")
+            ax2.axhline(row["acc1_mean"], color="0.6", linestyle=":", linewidth=1)
+        ax2.set_xlabel("MACs of the model")
         ax2.set_ylabel("test top-1 accuracy (%)")
+        ax2.set_title("accuracy against FLOPs", fontsize=10)
         if ax2.get_legend_handles_labels()[0]:  # no point without the variants' artifacts (their MACs)
-            ax2.legend()
+            ax2.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -50,6 +50,7 @@ def test_tables_from_the_stage_metrics(finished) -> None:
     assert rows["scratch_e"]["acc1"] == pytest.approx([50.0, 60.0]) and rows["scratch_e"]["n"] == 2
     assert rows["scratch_b"]["paper"] == "93.05 [RW]" and rows["scratch_e"]["paper"] is None
     assert results["variants"]["a"]["flops"] is None  # no artifact
+    assert results["data"] == "MNIST5k"  # the base config's datamodule, named in the plot's title
     table = layout.results_md.read_text()
     assert table.startswith("# made_up\n")
     assert "| Scratch-E | 55.00 ± 7.07 | 2 | 4 | 10 s |  |" in table

@@ -38,15 +38,11 @@ from lit_prune import __version__
 from lit_prune.core.flops import count_flops, macs_ratio
 from lit_prune.core.masks import apply_masks
 from lit_prune.io import atomic_save
-from lit_prune.methods.state import Counts
+from lit_prune.methods.state import Counts, cpu_copy
 from lit_prune.models import architecture, create_model
 
 FORMAT = "lit-prune-artifact"
 VERSION = 1
-
-
-def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def _section(d: Any, key: str, where: str, part: str = "it") -> Any:
@@ -234,12 +230,12 @@ def make_artifact(
     return Artifact(
         architecture=Architecture.of(model),
         input_size=tuple(count_flops(model).input_size),
-        state_dict=_cpu(model.state_dict()),
+        state_dict=cpu_copy(model.state_dict()),
         masks={k: v.detach().cpu().bool() for k, v in (masks or {}).items()},
         flops=flops_summary(model, dense, masked=bool(masks)),
         provenance=Provenance(method=method, settings=dict(settings or {}), source=source,
                               created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), lit_prune_version=__version__),
-        init_state=_cpu(init_state) if init_state is not None else None,
+        init_state=cpu_copy(init_state) if init_state is not None else None,
     )
 
 

@@ -172,7 +172,7 @@ class PruningCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after a checkpoint restore: a resumed run keeps its dense counts and theta_0.
         model = unwrap(pl_module)
-        self.state.record_dense(model, self.dense_of(model))
+        self.state.record_dense(lambda: self.dense_of(model))
         if self.keep_init:
             self.state.capture_init(model)
 
@@ -245,7 +245,7 @@ class PruningCallback(pl.Callback):
             dataloader: training images, for the methods that declare ``needs_data`` (ignored by the others).
         """
         check_finite(model)
-        self.state.record_dense(model, self.dense_of(model))
+        self.state.record_dense(lambda: self.dense_of(model))
         decision = self.decide(model, self.context(trainer, dataloader))
         # rank 0's keeps and masks on every rank; a network the method built itself is identical on every
         # rank already (its data-driven steps were all-reduced and broadcast as it went)
@@ -301,7 +301,7 @@ class PruningCallback(pl.Callback):
         Returns:
             The artifact, or None for a model outside the zoo.
         """
-        dense = self.state.record_dense(model, self.dense_of(model))  # dense: zeros of masked weights count too
+        dense = self.state.record_dense(lambda: self.dense_of(model))  # dense: zeros of masked weights count too
         zoo = is_zoo_model(model)
         if not zoo:
             rank_zero_warn(

@@ -234,7 +234,8 @@ class SoftFilterPruning(PruningCallback):
             rank_zero_warn(f"SFP: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), so no "
                            "artifact is written; the trained model itself holds the zero filters")
             return None
-        dense = self.state.record_dense(model)  # dense counts ignore zeros, so the masked model gives them too
+        # dense counts ignore zeros, so the masked model gives them too
+        dense = self.state.record_dense(lambda: self.dense_of(model))
         init = self.init_state if self.init_state is not None else init_state
         masked = make_artifact(model, method=self.method, settings=self.settings(), source=source,
                                dense=dense, masks=self.masks, init_state=init)

@@ -9,7 +9,7 @@ Plain PyTorch: no Lightning here, so the state can be tested and reused outside 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,8 @@ class Counts:
         return cls(macs=report.macs, params=report.params)
 
 
-def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a state dict (what checkpoints and artifacts store)."""
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
@@ -79,16 +80,16 @@ class PruneState:
     schedule: dict[str, Any] = field(default_factory=dict)
 
     # ---- recording -----------------------------------------------------------------------------------
-    def record_dense(self, model: nn.Module, counts: Counts | None = None) -> Counts:
-        """The dense counts, measured on ``model`` (or taken from ``counts``) the first time only."""
+    def record_dense(self, measure: Callable[[], Counts]) -> Counts:
+        """The dense counts: ``measure()`` the first time (a forward pass), the recorded ones after that."""
         if self.dense is None:
-            self.dense = counts if counts is not None else Counts.of(model)
+            self.dense = measure()
         return self.dense
 
     def capture_init(self, model: nn.Module) -> None:
         """Save theta_0 once: a resumed run keeps the true initialisation."""
         if self.init_state is None:
-            self.init_state = _cpu(model.state_dict())
+            self.init_state = cpu_copy(model.state_dict())
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         self.masks = {k: v.detach().cpu().bool() for k, v in masks.items()}

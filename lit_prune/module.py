@@ -90,6 +90,8 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         # masks and theta_0 of a masked artifact (kept enforced in every regime, saved in checkpoints)
         self.prune_state = PruneState()
+        #: the method that pruned the artifact this run started from (None without an artifact)
+        self.source_method: str | None = None
         if model is None and artifact is not None:
             model = self._from_artifact(artifact, regime, arch, num_classes)
         elif model is None:
@@ -115,6 +117,7 @@ class ImageClassifier(pl.LightningModule):
         if arch is not None and arch != name:
             raise ValueError(f"arch is {arch!r} but the artifact {path} holds a {name!r}; drop arch or give "
                              "the artifact pruned from that model")
+        self.source_method = art.provenance.method
         if regime == "finetune" and art.provenance.method == "predefined":
             raise ValueError(f"{path} is an architecture-only artifact (a predefined width config, no trained "
                              "weights): train it with regime scratch; there is nothing to fine-tune")

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_prune.artifact import load_artifact, make_artifact, read_weights, save_artifact
+from lit_prune.artifact import make_artifact, read_weights, save_artifact
 from lit_prune.cli.train import LitPruneCLI
 from lit_prune.core.protocols import is_zoo_model
 from lit_prune.io import atomic_save_json
@@ -140,10 +140,9 @@ def _log_hyperparameters(trainer: pl.Trainer, model: ImageClassifier, stage: Pat
         seed, variant, kind = None, None, stage.name
     zoo = is_zoo_model(model.model)
     arch = architecture(model.model) if zoo else {"name": type(model.model).__name__, "kwargs": {}}
-    source = load_artifact(model.hparams.artifact).provenance if model.hparams.artifact else None
     params = {
         "seed": seed, "variant": variant or "unpruned", "regime": kind, "start": model.hparams.regime,
-        "method": source.method if source is not None else "none", "arch": arch["name"],
+        "method": model.source_method or "none", "arch": arch["name"],
         "widths": json.dumps(arch["kwargs"].get("cfg")), "lr": model.hparams.lr, "max_epochs": metrics["max_epochs"],
         "macs": metrics.get("macs"), "params": metrics.get("params"),
     }

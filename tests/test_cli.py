@@ -155,3 +155,56 @@ def test_train_py_prints_the_toolkits_errors_without_a_traceback() -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: lr must be > 0, got -1.0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _lightning_checkpoint(tmp_path, **model_kwargs):
+    import pytorch_lightning as pl
+
+    from tests.helpers import RandomImageDataModule
+
+    module = ImageClassifier(**model_kwargs)
+    trainer = pl.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, RandomImageDataModule(num_samples=4, batch_size=4))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module
+
+
+def test_flops_counts_the_model_of_a_lightning_checkpoint(tmp_path, capsys):
+    cfg = [8, "M", 16, "M", 16, 16, "M", 32, 32, "M", 32, 32]
+    path, module = _lightning_checkpoint(tmp_path, arch="cifar_vgg11", cfg=cfg)
+    assert flops.main([str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["macs"] == count_flops(module.model).macs
+    assert out["macs"] < count_flops(create_model("cifar_vgg11")).macs  # its narrow widths, not the default
+
+
+def test_flops_reference_convention_of_an_artifact(tmp_path, capsys):
+    """--convention reference counts BN, ReLU and pools too, and the artifact's ratio and Scratch-B budget in it."""
+    art = tmp_path / "a.pt"
+    assert prune.main(["--arch", "cifar_vgg16", "--width-config", "A", "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert flops.main([str(art), "--json", "--scratch-b", "160"]) == 0
+    macs = json.loads(capsys.readouterr().out)
+    assert flops.main([str(art), "--json", "--scratch-b", "160", "--convention", "reference"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert ref["macs"] == macs["macs"] and ref["flops"] > ref["macs"]  # tables keep quoting MACs
+    dense = count_flops(create_model("cifar_vgg16"), convention="reference").flops
+    assert ref["scratch_b"] == scratch_b_budget(160, dense / ref["flops"]).to_dict()
+
+
+def test_flops_reference_convention_needs_the_large_widths_of_a_narrow_model(tmp_path, capsys):
+    from lit_prune.artifact import make_artifact, save_artifact
+    from lit_prune.methods.state import Counts
+
+    large_cfg = [8, "M", 16, "M", 16, 16, "M", 32, 32, "M", 32, 32]
+    large = create_model("cifar_vgg11", cfg=large_cfg)
+    pruned = create_model("cifar_vgg11", cfg=[4, "M", 8, "M", 8, 8, "M", 16, 16, "M", 16, 16])
+    art = save_artifact(make_artifact(pruned, method="test", dense=Counts.of(large)), tmp_path / "a.pt")
+    assert flops.main([str(art), "--convention", "reference"]) == 2
+    assert "--large-width-config" in capsys.readouterr().err  # the artifact alone cannot say the large widths
+    assert flops.main([str(art), "--convention", "reference", "--json",
+                       "--large-width-config", json.dumps(large_cfg)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["flops"] == count_flops(pruned, convention="reference").flops

@@ -4,6 +4,8 @@
     python -m lit_prune.flops cifar_resnet56 --width-config '[6, 6, ...]' --json
     python -m lit_prune.flops runs/pruned.pt          # a pruned artifact
     python -m lit_prune.flops runs/pruned.pt --scratch-b 160   # + its Scratch-B epochs and LR milestones
+    python -m lit_prune.flops runs/large/last.ckpt    # the model of a Lightning checkpoint of train.py
+    python -m lit_prune.flops cifar_vgg19 --convention reference  # the reference code's FLOPs (BN, ReLU, pools)
     python -m lit_prune.flops --list
 
 The counting convention is documented in :mod:`lit_prune.core.flops`.
@@ -42,13 +44,27 @@ def _table(name: str, report: Any) -> str:
     return "\n".join(rows)
 
 
+def _is_lightning_checkpoint(path: str) -> bool:
+    from lit_prune.sources import _read_checkpoint
+
+    obj = _read_checkpoint(path)
+    return isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lit_prune.flops", description=__doc__.split("\n")[0])
-    parser.add_argument("model", nargs="?", help="registered model name, or the path of a pruned artifact")
+    parser.add_argument("model", nargs="?",
+                        help="registered model name, or the path of a pruned artifact or of a Lightning checkpoint")
     parser.add_argument("--width-config", "--cfg", dest="cfg", help="a registered width-config name or JSON")
     parser.add_argument("--num-classes", type=int, default=None)
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
     parser.add_argument("--nonzero", action="store_true", help="count only non-zero conv/linear weights")
+    parser.add_argument("--convention", choices=("macs", "reference"), default="macs",
+                        help="macs: conv + linear multiply-accumulates (the paper's tables); reference: also BN, "
+                             "ReLU and pools as the paper's code counts them (its Scratch-B budgets, §1.4)")
+    parser.add_argument("--large-width-config", dest="large_cfg", metavar="CFG",
+                        help="with --convention reference on an artifact: the large model's width config, when "
+                             "it was not the unpruned one (the artifact records only its MACs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--list", action="store_true", help="list registered models and width configs")
     budget = parser.add_argument_group("Scratch-B budget of an artifact (docs/paper-settings.md §1.3)")
@@ -62,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from lit_prune.artifact import build_model, load_artifact
     from lit_prune.core.flops import count_flops, macs_ratio
     from lit_prune.models import create_model, list_models, list_width_configs
+    from lit_prune.sources import load_source
 
     if args.list:
         configs = list_width_configs()
@@ -74,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     extra: dict[str, Any] = {"model": args.model, "cfg": _parse_cfg(args.cfg)}
     try:
-        if Path(args.model).is_file():  # a pruned artifact: count its non-zero weights, show the dense size
+        if Path(args.model).is_dir():
+            raise ValueError(f"{args.model} is a directory; give a pruned artifact, a checkpoint or a model name")
+        if Path(args.model).is_file() and _is_lightning_checkpoint(args.model):  # a Lightning checkpoint of train.py
+            model, _ = load_source(args.model, None, None, None)
+            extra = {"model": args.model, "cfg": getattr(model, "cfg", None)}
+        elif Path(args.model).is_file():  # a pruned artifact: count its non-zero weights, show the dense size
             art = load_artifact(args.model)
             model = build_model(art)
             args.nonzero = args.nonzero or bool(art.masks)
@@ -90,8 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.scratch_b is not None and args.input_size:
         parser.error("--scratch-b uses the artifact's unpruned FLOPs, counted at the model's own input size: "
                      "drop --input-size")
-    report = count_flops(model, tuple(args.input_size) if args.input_size else None, nonzero=args.nonzero)
-    ratio = macs_ratio(extra["dense"]["macs"], report.macs) if "dense" in extra else None
+    report = count_flops(model, tuple(args.input_size) if args.input_size else None, nonzero=args.nonzero,
+                         convention=args.convention)
+    ratio = None
+    if "dense" in extra and args.convention == "reference":  # the large model rebuilt, counted the same way
+        from lit_prune.protocol.plan import _NoReference, reference_ratio
+
+        try:
+            ratio = reference_ratio(art, _parse_cfg(args.large_cfg))
+        except _NoReference as err:
+            print(f"error: no reference-convention ratio for {args.model}: {err}; give the large model's widths "
+                  "with --large-width-config", file=sys.stderr)
+            return 2
+    elif "dense" in extra:
+        ratio = macs_ratio(extra["dense"]["macs"], report.macs)
     if args.scratch_b is not None:
         try:
             extra["scratch_b"] = scratch_b_budget(args.scratch_b, ratio, rule=args.rule, cap=args.cap,
@@ -106,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if "dense" in extra:
             d = extra["dense"]
             print(f"unpruned: {d['macs']:,} MACs, {d['params']:,} parameters; "
-                  f"FLOPs ratio {ratio:.3f} ({extra['method']})")
+                  f"FLOPs ratio {ratio:.3f} ({args.convention} convention; {extra['method']})")
         if "scratch_b" in extra:
             b = extra["scratch_b"]
             print(f"Scratch-B: {b['epochs']} epochs (x{b['factor']:.3f} of {args.scratch_b}), LR milestones "

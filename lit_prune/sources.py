@@ -36,14 +36,17 @@ def _instantiate(entry: dict[str, Any]) -> Any:
     return cls(**(entry.get("init_args") or {}))
 
 
-def load_method(path: str | Path) -> Any:
-    """The pruning callback described by a YAML file (an entry, or a config with trainer.callbacks)."""
+def load_method(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
+    """The pruning callback described by a YAML file (an entry, or a config with trainer.callbacks), its
+    ``init_args`` updated with ``overrides`` (a sweep's prune ratio)."""
     from lit_prune.callbacks.base import PruningCallback  # Lightning: imported only when a method is loaded
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no method config at {path}")
     doc = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        doc = _with_init_args(doc, overrides, path)
     if "class_path" in doc:
         method = _instantiate(doc)
         if not isinstance(method, PruningCallback):
@@ -56,6 +59,23 @@ def load_method(path: str | Path) -> Any:
         raise ValueError(f"{path} must describe exactly one pruning callback (class_path + init_args); "
                          f"found {len(methods)}")
     return methods[0]
+
+
+def _with_init_args(doc: dict[str, Any], overrides: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``doc`` whose pruning entry has ``overrides`` merged into its ``init_args`` (the file is left alone)."""
+    def merged(entry: dict[str, Any]) -> dict[str, Any]:
+        return {**entry, "init_args": {**(entry.get("init_args") or {}), **overrides}}
+
+    if "class_path" in doc:
+        return merged(doc)
+    entries = (doc.get("trainer") or {}).get("callbacks") or []
+    pruning = [i for i, e in enumerate(entries) if isinstance(e, dict) and str(e.get("class_path", "")).startswith(
+        ("callbacks.", "lit_prune.callbacks."))]
+    if len(pruning) != 1:
+        raise ValueError(f"{path}: method arguments {overrides} need exactly one pruning callback entry to apply to; "
+                         f"found {len(pruning)}")
+    entries = [merged(e) if i == pruning[0] else e for i, e in enumerate(entries)]
+    return {**doc, "trainer": {**doc["trainer"], "callbacks": entries}}
 
 
 def load_datamodule(path: str | Path) -> Any:

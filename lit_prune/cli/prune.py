@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", help="plain state dict (torchvision format) for --arch")
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--config", help="YAML naming the method (class_path, init_args)")
+    parser.add_argument("--method-args", type=_json_mapping, help="JSON overrides of the method's init_args, e.g. "
+                        "'{\"prune_ratio\": 0.5}' (the runner passes a variant's method_args)")
     parser.add_argument("--width-config", help="named width config of --arch: write it as an architecture-only "
                         "artifact (fresh init, for Scratch-E/B), instead of pruning with --config")
     parser.add_argument("--data-config", help="YAML naming the datamodule (class_path, init_args; or a training "
@@ -83,11 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _json_mapping(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of init_args is needed, got {text}")
+    return value
+
+
 def _prune(args: argparse.Namespace) -> Artifact:
     """Prune the large model named by ``args`` with the method of ``args.config``; returns the artifact."""
     from lit_prune.sources import load_datamodule, load_method, load_source
 
-    method = load_method(args.config)
+    method = load_method(args.config, args.method_args)
     if method.needs_data and args.data_config is None:
         raise ValueError(f"{type(method).__name__} samples training images: give --data-config naming the "
                          "datamodule (a training config works)")

@@ -25,6 +25,18 @@ Experiment config (YAML)::
       #   multiples; convention of the FLOPs ratio r: macs (conv + linear MACs, the tables' numbers) or
       #   reference (the paper's compute_flops.py, with BN, ReLU and pooling: how its epochs were computed)
       # more regimes: NAME: {regime: finetune | scratch | rewind, budget: same | compute, args: [...]}
+      # Section 5 controls and searches (lit_prune.search builds their artifacts; see its docstring):
+      - {name: B-uniform, uniform: {of: B, match: params}}  # one width multiplier (one sparsity if masked)
+      - {name: B-random, random: {of: B}}                   # B's widths, channels (weights) chosen at random
+      - {name: B-guided, guided: {of: [B]}}                 # B's mean kept ratio per stage, from scratch
+      #   guided: {from: runs/rethink/other, variant: p70}   ... of another experiment's artifacts (transfer)
+      # optional on any variant: regimes: [scratch_e]      the regimes it trains (default: all of them; a
+      #   fresh architecture (width_config, uniform, guided) the scratch ones, a random control the finetune ones)
+      #   method_args: {prune_ratio: 0.5}                  overrides of the method config's init_args
+      #   sweep: {ratio: [0.3, 0.5]}                       one variant per value, "{ratio}" replaced in its
+      #   fields; its name gets "_ratio0.3" unless it holds "{ratio}" itself. Regimes take a sweep the same
+      #   way (regimes.finetune.sweep: {lr: [0.01, 0.001]}), and so does the whole file (a top-level
+      #   sweep: {lr: [0.01, 0.1]} makes one experiment per value, each with its own name and directory).
     paper:                                 # optional: numbers printed beside ours, per variant
       B: {unpruned: "93.14 +-0.12 [RW]", scratch_b: "93.05 +-0.18 [RW]"}
     out: null                              # optional: the experiment directory (default runs/rethink/NAME)
@@ -40,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,11 +72,20 @@ RULES = ("fractions", "thirds", "scale", "multiples")  # lit_prune.core.budget.R
 CONVENTIONS = ("macs", "reference")  # lit_prune.core.flops.CONVENTIONS, Scratch-B's FLOPs ratio
 HASH_VERSION = 2  # 1 (no "hash_version" in experiment.json): the --config files named in args were not hashed
 
-_TOP_KEYS = {"name", "base", "seeds", "args", "large", "variants", "regimes", "paper", "out"}
+_TOP_KEYS = {"name", "base", "seeds", "args", "large", "variants", "regimes", "paper", "out", "sweep"}
 _LARGE_KEYS = {"args", "checkpoint", "arch", "weights"}
-_VARIANT_KEYS = {"name", "method", "from_training", "width_config", "arch", "source"}
+_VARIANT_KEYS = {"name", "method", "from_training", "width_config", "arch", "source", "method_args", "uniform",
+                 "random", "guided", "regimes", "sweep"}
+#: how a variant's artifact comes about; exactly one per variant
+VARIANT_KINDS = ("method", "from_training", "width_config", "uniform", "random", "guided")
+#: kinds whose artifact is an architecture with fresh weights: nothing to fine-tune or test before training
+FRESH_KINDS = ("width_config", "uniform", "guided")
+MATCHES = ("params", "flops")  # what a uniform baseline matches (lit_prune.search.uniform)
+_UNIFORM_KEYS = {"of", "match"}
+_RANDOM_KEYS = {"of"}
+_GUIDED_KEYS = {"of", "from", "variant"}
 _SOURCE_KEYS = {"variant", "regime"}
-_REGIME_KEYS = {"regime", "budget", "rule", "cap", "convention", "args"}
+_REGIME_KEYS = {"regime", "budget", "rule", "cap", "convention", "args", "sweep"}
 # Names become directories next to the runner's own (seed<N>/large, seed<N>/<variant>/prune, .../pruned)
 # and rows of the results table (unpruned, pruned).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
@@ -105,8 +127,27 @@ class SourceRef:
 
 
 @dataclass(frozen=True)
+class BaselineRef:
+    """A control built from an earlier variant's artifact: its uniform counterpart or its random selection."""
+
+    of: str
+    match: str = "params"  # uniform only: params | flops
+
+
+@dataclass(frozen=True)
+class GuidedRef:
+    """Guided pruning (or sparsification): the stage-wise pattern of earlier variants' artifacts (``of``), or of
+    the finished variant ``variant`` of another experiment directory ``source_dir`` (transferred)."""
+
+    of: tuple[str, ...] = ()
+    source_dir: str | None = None
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
 class VariantConfig:
-    """One pruned model: exactly one of ``method``, ``from_training``, ``width_config``."""
+    """One pruned model: exactly one of ``method``, ``from_training``, ``width_config``, ``uniform``, ``random``,
+    ``guided`` (:data:`VARIANT_KINDS`)."""
 
     name: str
     method: str | None = None  # a method config, one-shot pruning of the large model
@@ -114,6 +155,20 @@ class VariantConfig:
     width_config: str | None = None  # a predefined architecture: nothing pruned, only built
     arch: str | None = None  # another zoo model than the base config's
     source: SourceRef | None = None
+    method_args: Mapping[str, Any] | None = None  # overrides of the method config's init_args
+    uniform: BaselineRef | None = None
+    random: BaselineRef | None = None
+    guided: GuidedRef | None = None
+    regimes: tuple[str, ...] | None = None  # the regimes it trains (None: by its kind, see regimes_of)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in VARIANT_KINDS if getattr(self, k))
+
+    @property
+    def fresh(self) -> bool:
+        """An architecture with fresh weights (nothing inherited): trained from scratch only."""
+        return self.kind in FRESH_KINDS
 
 
 @dataclass(frozen=True)
@@ -163,12 +218,31 @@ class ExperimentConfig:
     def variant(self, name: str) -> VariantConfig:
         return next(v for v in self.variants if v.name == name)
 
+    def regimes_of(self, v: VariantConfig) -> list[str]:
+        """The regimes variant ``v`` trains: its own list, else every regime, except that a fresh architecture
+        (:data:`FRESH_KINDS`) trains the scratch ones only and a random control the finetune ones only (it
+        answers whether the method's choice of weights matters for fine-tuning)."""
+        if v.regimes is not None:
+            return list(v.regimes)
+        if v.fresh:
+            return [k for k, r in self.regimes.items() if r.regime == "scratch"]
+        if v.random:
+            return [k for k, r in self.regimes.items() if r.regime == "finetune"]
+        return list(self.regimes)
+
     def to_dict(self) -> dict[str, Any]:
         """The normalised config as plain containers (what experiment.json keeps)."""
 
         def variant(v: VariantConfig) -> dict[str, Any]:
             d = {k: getattr(v, k) for k in ("name", "method", "from_training", "width_config", "arch")}
             d["source"] = {"variant": v.source.variant, "regime": v.source.regime} if v.source else None
+            # the Section-5 keys only where set: a config without them keeps the hash it had before they existed
+            d["method_args"] = dict(v.method_args) if v.method_args is not None else None
+            d["uniform"] = {"of": v.uniform.of, "match": v.uniform.match} if v.uniform else None
+            d["random"] = {"of": v.random.of} if v.random else None
+            d["guided"] = ({"of": list(v.guided.of), "from": v.guided.source_dir, "variant": v.guided.variant}
+                           if v.guided else None)
+            d["regimes"] = list(v.regimes) if v.regimes is not None else None
             return {k: x for k, x in d.items() if x is not None}
 
         return {
@@ -277,16 +351,101 @@ def _abbreviated(name: str) -> str | None:
 
 
 # ---- loading ------------------------------------------------------------------------------------------
-def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment config; relative paths in it are relative to the working directory."""
-    path = Path(path)
+_AXIS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _label(value: Any) -> str:
+    """How a swept value appears in a generated name: a config file by its stem, anything else as written."""
+    if isinstance(value, str) and ("/" in value or value.endswith((".yaml", ".yml"))):
+        return Path(value).stem
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def substitute(value: Any, point: Mapping[str, Any]) -> Any:
+    """``value`` with every ``{axis}`` of ``point`` replaced: a string that is only ``"{axis}"`` becomes the value
+    itself (a number stays a number), a longer one gets its text; braces that name no axis stay as they are
+    (inline YAML in arguments)."""
+    if isinstance(value, str):
+        whole = _PLACEHOLDER.fullmatch(value)
+        if whole and whole.group(1) in point:
+            return point[whole.group(1)]
+        return _PLACEHOLDER.sub(lambda m: str(point[m.group(1)]) if m.group(1) in point else m.group(0), value)
+    if isinstance(value, Mapping):
+        return {k: substitute(v, point) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, point) for v in value]
+    return value
+
+
+def swept_name(template: str, point: Mapping[str, Any]) -> str:
+    """The generated name of one point of a sweep: ``{axis}`` in ``template`` replaced by the value's label, and
+    ``_<axis><label>`` appended for every axis the template does not mention (``l1`` -> ``l1_ratio0.3``)."""
+    name = _PLACEHOLDER.sub(lambda m: _label(point[m.group(1)]) if m.group(1) in point else m.group(0), template)
+    return name + "".join(f"_{axis}{_label(v)}" for axis, v in point.items() if "{" + axis + "}" not in template)
+
+
+def _read_doc(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ExperimentError(f"no experiment config at {path}")
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ExperimentError(f"{path} is not valid YAML: {err}") from None
-    return _Loader(path).load(doc)
+    if not isinstance(doc, Mapping):
+        raise ExperimentError(f"{path} is not an experiment config (a mapping)")
+    return dict(doc)
+
+
+def load_experiments(path: str | Path, select: Mapping[str, str] | None = None) -> list[ExperimentConfig]:
+    """Every experiment of a config file: one, or one per point of its top-level ``sweep`` (each with the
+    generated name, and ``out`` if it names one); ``select`` keeps the points whose axes have these values
+    (compared as written in the generated names, e.g. ``{"lr": "0.1"}``).
+
+    Raises:
+        ExperimentError: a bad config or sweep, or a ``select`` that matches no point (the message lists them).
+    """
+    path = Path(path)
+    doc = _read_doc(path)
+    loader = _Loader(path)
+    if "sweep" not in doc:
+        if select:
+            raise ExperimentError(f"{path} has no top-level sweep to select {dict(select)} from")
+        return [loader.load(doc)]
+    points = loader.points(doc["sweep"], "sweep")
+    body = {k: v for k, v in doc.items() if k != "sweep"}
+    if not isinstance(body.get("name"), str):
+        raise ExperimentError(f"{path}: 'name' is required, a template such as lottery_lr{{lr}}")
+    if body.get("out") is not None and len(points) > 1 and not _PLACEHOLDER.search(str(body["out"])):
+        raise ExperimentError(f"{path}: out {body['out']!r} would hold every experiment of the sweep; write the axes "
+                              "into it, e.g. runs/lottery_lr{lr}")
+    unknown = set(select or {}) - set(points[0])
+    if unknown:
+        raise ExperimentError(f"{path}: --select names unknown axes {sorted(unknown)}; the sweep's: {list(points[0])}")
+    chosen = [p for p in points if all(_label(p[a]) == str(want) for a, want in (select or {}).items())]
+    if not chosen:
+        values = {a: [_label(p[a]) for p in points] for a in points[0]}
+        raise ExperimentError(f"{path}: no point of the sweep has {dict(select or {})}; the axes' values: {values}")
+    configs = []
+    for point in chosen:
+        exp = substitute(body, point)
+        exp["name"] = swept_name(body["name"], point)
+        configs.append(_Loader(path).load(exp))
+    return configs
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment config; relative paths in it are relative to the working directory.
+
+    Raises:
+        ExperimentError: a bad config, or a file that sweeps several experiments (:func:`load_experiments`).
+    """
+    configs = load_experiments(path)
+    if len(configs) > 1:
+        raise ExperimentError(f"{path} is a sweep of {len(configs)} experiments ({', '.join(c.name for c in configs)})"
+                              f"; python -m lit_prune.rethink --config {path} runs them all (--select AXIS=VALUE "
+                              "picks some), and load_experiments loads them")
+    return configs[0]
 
 
 class _Loader:
@@ -363,8 +522,56 @@ class _Loader:
             elif name in _CONFIG_FLAGS:
                 raise self.fail(f"{where}: {name} {value} does not exist")
 
+    def points(self, sweep: Any, where: str) -> list[dict[str, Any]]:
+        """The points of a sweep ``{axis: [values]}``: every combination, in the order the axes are written."""
+        if not isinstance(sweep, Mapping) or not sweep:
+            raise self.fail(f"{where} must map axis names to lists of values, e.g. {{ratio: [0.3, 0.5]}}, "
+                            f"got {sweep!r}")
+        for axis, values in sweep.items():
+            if not isinstance(axis, str) or not _AXIS.fullmatch(axis):
+                raise self.fail(f"{where}: axis name {axis!r} must be a word (letters, digits, '_'): it is written "
+                                "as {axis} in the swept fields")
+            if not isinstance(values, list) or not values or any(isinstance(x, (dict, list)) or x is None
+                                                                 for x in values):
+                raise self.fail(f"{where}.{axis} must be a non-empty list of plain values (numbers, strings), got "
+                                f"{values!r}")
+            if len({_label(x) for x in values}) != len(values):
+                raise self.fail(f"{where}.{axis} has repeated values {values}: each value names its own run")
+        return [dict(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
+
+    def expand_sweeps(self, exp: dict[str, Any]) -> dict[str, Any]:
+        """``exp`` with every variant and regime that has a ``sweep`` replaced by one per point of it."""
+        exp = dict(exp)
+        if isinstance(exp.get("variants"), list):
+            variants = []
+            for i, v in enumerate(exp["variants"]):
+                if not isinstance(v, Mapping) or "sweep" not in v:
+                    variants.append(v)
+                    continue
+                body = {k: x for k, x in v.items() if k != "sweep"}
+                for point in self.points(v["sweep"], f"variants[{i}].sweep"):
+                    swept = substitute(body, point)
+                    if body.get("name") is not None:
+                        swept["name"] = swept_name(str(body["name"]), point)
+                    variants.append(swept)
+            exp["variants"] = variants
+        if isinstance(exp.get("regimes"), Mapping):
+            regimes: dict[Any, Any] = {}
+            for key, cfg in exp["regimes"].items():
+                if not isinstance(cfg, Mapping) or "sweep" not in cfg:
+                    regimes[key] = cfg
+                    continue
+                body = {**DEFAULTS.get(str(key), {}), **{k: x for k, x in cfg.items() if k != "sweep"}}
+                for point in self.points(cfg["sweep"], f"regimes.{key}.sweep"):
+                    regimes[swept_name(str(key), point)] = substitute(body, point)
+            exp["regimes"] = regimes
+        return exp
+
     def load(self, doc: Any) -> ExperimentConfig:
         exp = self.mapping(doc, "", _TOP_KEYS)
+        if "sweep" in exp:
+            raise self.fail("a top-level sweep makes several experiments: load them with load_experiments")
+        exp = self.expand_sweeps(exp)
         legacy_doc = copy.deepcopy(exp)
         for key in ("name", "base", "variants"):
             if not exp.get(key):
@@ -458,19 +665,20 @@ class _Loader:
         name = self.name(v["name"], "variant", _RESERVED_VARIANTS)
         if name in {w.name for w in earlier}:
             raise self.fail(f"every variant needs a unique name, got {[w.name for w in earlier] + [name]}")
+        names = [w.name for w in earlier]
         source = None
         if v.get("source") is not None:
             src = self.mapping(v["source"], f"variant {name!r}: source", _SOURCE_KEYS)
-            names = [w.name for w in earlier]
             if str(src.get("variant")) not in names or src.get("regime") not in regimes:
                 raise self.fail(f"variant {name!r}: source must name an earlier variant "
                                 f"({names}) and a regime ({list(regimes)}), got {v['source']}")
             source = SourceRef(str(src["variant"]), str(src["regime"]))
-        if sum(bool(v.get(k)) for k in ("method", "from_training", "width_config")) != 1:
+        if sum(bool(v.get(k)) for k in VARIANT_KINDS) != 1:
             raise self.fail(f"variant {name!r} needs one of 'method' (a method config), "
-                            "'from_training' (an artifact its large run writes) or 'width_config' (a predefined "
-                            "architecture of the base model)")
-        if v.get("width_config") and "finetune" in regimes:
+                            "'from_training' (an artifact its large run writes), 'width_config' (a predefined "
+                            "architecture of the base model), 'uniform' or 'random' (controls of an earlier "
+                            "variant: {of: NAME}) or 'guided' (stage ratios of earlier variants: {of: [NAMES]})")
+        if v.get("width_config") and "finetune" in regimes and v.get("regimes") is None:
             raise self.fail(f"variant {name!r} is a predefined architecture without trained "
                             "weights: drop the finetune regime (the paper's Fine-tuned column came from the "
                             "original authors' released models)")
@@ -478,8 +686,59 @@ class _Loader:
             raise self.fail(f"variant {name!r}: method config {v['method']} does not exist")
         if source is not None and not v.get("method"):
             raise self.fail(f"variant {name!r}: source needs a 'method' (the pruning of the source's model)")
+        method_args = v.get("method_args")
+        if method_args is not None and (not v.get("method") or not isinstance(method_args, Mapping)):
+            raise self.fail(f"variant {name!r}: method_args is a mapping of overrides of the method config's "
+                            f"init_args (e.g. {{prune_ratio: 0.5}}), with 'method'; got {method_args!r}")
+        uniform = random = guided = None
+        if v.get("uniform"):
+            u = self.mapping(v["uniform"], f"variant {name!r}: uniform", _UNIFORM_KEYS)
+            match = u.get("match", "params")
+            if match not in MATCHES:
+                raise self.fail(f"variant {name!r}: uniform.match must be one of {', '.join(MATCHES)} (what the "
+                                f"uniform architecture has as many of as the method's), got {match!r}")
+            uniform = BaselineRef(self.earlier(name, u.get("of"), names, "uniform"), match)
+        if v.get("random"):
+            r = self.mapping(v["random"], f"variant {name!r}: random", _RANDOM_KEYS)
+            random = BaselineRef(self.earlier(name, r.get("of"), names, "random"))
+        if v.get("guided"):
+            guided = self.guided(name, v["guided"], names)
+        own = v.get("regimes")
+        if own is not None:
+            if not isinstance(own, list) or not own or any(str(r) not in regimes for r in own):
+                raise self.fail(f"variant {name!r}: regimes must be a non-empty list of the config's regimes "
+                                f"({list(regimes)}), got {own!r}")
+            own = tuple(map(str, own))
+        fresh = any(v.get(k) for k in FRESH_KINDS)
+        trained = own if own is not None else [k for k, r in regimes.items() if (
+            r.regime == "scratch" if fresh else r.regime == "finetune" if random else True)]
+        if fresh and any(regimes[k].regime != "scratch" for k in trained):
+            raise self.fail(f"variant {name!r} is an architecture with fresh weights: it trains from scratch only, "
+                            f"not {[k for k in trained if regimes[k].regime != 'scratch']}")
+        if not trained:
+            what, needs = ("fresh architecture", "scratch") if fresh else ("random control", "finetune")
+            raise self.fail(f"variant {name!r} has no regime to train: a {what} needs a {needs} regime")
         return VariantConfig(name, *(None if not v.get(k) else str(v[k])
-                                     for k in ("method", "from_training", "width_config", "arch")), source)
+                                     for k in ("method", "from_training", "width_config", "arch")), source,
+                             dict(method_args) if method_args is not None else None, uniform, random, guided, own)
+
+    def earlier(self, name: str, of: Any, names: list[str], what: str) -> str:
+        if of is None or str(of) not in names:
+            raise self.fail(f"variant {name!r}: {what}.of must name an earlier variant ({names}), got {of!r}")
+        return str(of)
+
+    def guided(self, name: str, value: Any, names: list[str]) -> GuidedRef:
+        g = self.mapping(value, f"variant {name!r}: guided", _GUIDED_KEYS)
+        if ("of" in g) == ("from" in g):
+            raise self.fail(f"variant {name!r}: guided needs 'of' (earlier variants of this experiment, e.g. [p70]) "
+                            "or 'from' (another experiment's directory) with 'variant' (its variant)")
+        if "from" in g:
+            if not g.get("variant"):
+                raise self.fail(f"variant {name!r}: guided.from needs guided.variant (the variant of "
+                                f"{g['from']} whose artifacts give the ratios)")
+            return GuidedRef((), str(g["from"]), str(g["variant"]))
+        of = g["of"] if isinstance(g["of"], list) else [g["of"]]
+        return GuidedRef(tuple(self.earlier(name, o, names, "guided") for o in of))
 
 
 def _inline_yaml(value: str) -> Mapping[str, Any] | None:

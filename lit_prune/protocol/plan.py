@@ -131,13 +131,21 @@ class Planner:
         art = [f"--model.artifact={artifact}"]
         if v.arch:  # another model than the base config's (ThiNet-GAP next to VGG-16)
             art.append(f"--model.arch={v.arch}")
-        if not v.width_config:  # a predefined architecture has no pruned weights to test
+        if not v.fresh:  # a predefined (uniform, guided) architecture has no pruned weights to test
             pruned = Stage(seed, v.name, "pruned", self.layout.stage_dir(seed, v.name, "pruned"), epochs=0)
             stages.append(replace(pruned, command=self.stage_command(
                 pruned, [*art, "--model.regime=finetune", "--trainer.max_epochs=0"])))
-        for key, regime in self.config.regimes.items():
-            stages.append(self._regime(seed, v, key, regime, art))
+        for key in self.config.regimes_of(v):
+            stages.append(self._regime(seed, v, key, self.config.regimes[key], art))
         return stages
+
+    def _source(self, seed: int, v: VariantConfig) -> list[str]:
+        """The model variant ``v`` prunes: the large model, or the retrained model of its source variant."""
+        if v.source:  # iterative pruning: prune the retrained model of an earlier variant
+            return [f"--checkpoint={self.layout.model(seed, v.source.variant, v.source.regime)}"]
+        if self.config.large.weights:
+            return [f"--arch={self.config.large.arch}", f"--weights={self.config.large.weights}"]
+        return [f"--checkpoint={self.large_checkpoint(seed)}"]
 
     def _prune(self, seed: int, v: VariantConfig, artifact: Path) -> Stage:
         st = Stage(seed, v.name, PRUNE, self.layout.stage_dir(seed, v.name, PRUNE))
@@ -146,16 +154,37 @@ class Planner:
         if v.width_config:  # a predefined architecture: nothing is pruned, only built
             return replace(st, command=[self.python, "-m", "lit_prune.prune", f"--arch={v.arch or self.large.arch}",
                                         f"--width-config={v.width_config}", f"--out={artifact}"])
-        if v.source:  # iterative pruning: prune the retrained model of an earlier variant
-            source = [f"--checkpoint={self.layout.model(seed, v.source.variant, v.source.regime)}"]
-        elif self.config.large.weights:
-            source = [f"--arch={self.config.large.arch}", f"--weights={self.config.large.weights}"]
-        else:
-            source = [f"--checkpoint={self.large_checkpoint(seed)}"]
+        if v.uniform or v.random or v.guided:
+            return replace(st, command=self._search_command(seed, v, artifact))
+        extra = [f"--method-args={json.dumps(dict(v.method_args), sort_keys=True)}"] if v.method_args else []
         # data-driven methods (ThiNet, channel pruning) sample the base config's training data
-        return replace(st, command=[self.python, "-m", "lit_prune.prune", *source, f"--config={v.method}",
-                                    f"--data-config={self.config.base}", f"--out={artifact}",
+        return replace(st, command=[self.python, "-m", "lit_prune.prune", *self._source(seed, v), f"--config={v.method}",
+                                    *extra, f"--data-config={self.config.base}", f"--out={artifact}",
                                     f"--log-dir={self.layout.tb_run(seed, v.name, PRUNE)}"])
+
+    def _search_command(self, seed: int, v: VariantConfig, artifact: Path) -> list[str]:
+        """``python -m lit_prune.search``: a uniform baseline, a random control or a guided architecture."""
+        cmd = [self.python, "-m", "lit_prune.search"]
+        if v.uniform or v.random:
+            ref = v.uniform or v.random
+            of = self.config.variant(ref.of)
+            cmd += ["uniform" if v.uniform else "random", f"--of={self.layout.artifact(seed, of.name)}",
+                    *self._source(seed, of)]
+            if v.uniform:
+                cmd.append(f"--match={v.uniform.match}")
+                if of.method:  # its width plan's skip list is honoured
+                    cmd.append(f"--method-config={of.method}")
+                    if of.method_args:
+                        cmd.append(f"--method-args={json.dumps(dict(of.method_args), sort_keys=True)}")
+        else:
+            assert v.guided is not None
+            if v.guided.source_dir:
+                sources = [f"--from-dir={v.guided.source_dir}", f"--from-variant={v.guided.variant}"]
+            else:
+                sources = [f"--of={self.layout.artifact(seed, o)}" for o in v.guided.of]
+            # the new architecture: this experiment's large model (or another zoo model of its classes)
+            cmd += ["guided", *sources, *self._source(seed, v), *([f"--target-arch={v.arch}"] if v.arch else [])]
+        return [*cmd, f"--seed={seed}", f"--out={artifact}"]
 
     def _regime(self, seed: int, v: VariantConfig, key: str, regime: RegimeConfig, art: list[str]) -> Stage:
         st = Stage(seed, v.name, key, self.layout.stage_dir(seed, v.name, key))

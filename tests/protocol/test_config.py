@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from lit_prune.protocol import ExperimentError, Protocol, config_hash, load_experiment
+from lit_prune.protocol.config import load_experiments
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
@@ -40,10 +41,10 @@ def _stages(config: Path, tmp_path: Path) -> dict[str, object]:
                                           r"'checkpoint', 'weights'\]"),
     ({"regimes": {"finetune": {"arg": ["--model.lr=0.01"]}}},
      r"regimes.finetune: unknown keys \['arg'\]; known: \['args', 'budget', 'cap', 'convention', 'regime', "
-     r"'rule'\]"),
+     r"'rule', 'sweep'\]"),
     ({"variants": [{"name": "l1", "method": METHOD, "widht_config": "a"}]},
-     r"variants\[0\]: unknown keys \['widht_config'\]; known: \['arch', 'from_training', 'method', 'name', "
-     r"'source', 'width_config'\]"),
+     r"variants\[0\]: unknown keys \['widht_config'\]; known: \['arch', 'from_training', 'guided', 'method', "
+     r"'method_args', 'name', 'random', 'regimes', 'source', 'sweep', 'uniform', 'width_config'\]"),
     ({"variants": [{"name": "a", "method": METHOD}, {"name": "b", "method": METHOD,
                                                      "source": {"variant": "a", "regime": "finetune", "round": 2}}]},
      r"variant 'b': source: unknown keys \['round'\]"),
@@ -82,12 +83,12 @@ def test_schema_errors_name_the_key(overrides: dict, message: str, tmp_path: Pat
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_every_shipped_config_loads_with_its_files_read_once(path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
-    config = load_experiment(path.relative_to(REPO))
-    assert list(config.files)[0] == config.base and config.base in config.docs
-    for _, args in config.all_args():
-        for arg in args:
-            if arg.startswith("--config="):
-                assert arg.split("=", 1)[1] in config.files
+    for config in load_experiments(path.relative_to(REPO)):  # a sweep file: each of its experiments
+        assert list(config.files)[0] == config.base and config.base in config.docs
+        for _, args in config.all_args():
+            for arg in args:
+                if arg.startswith("--config="):
+                    assert arg.split("=", 1)[1] in config.files
 
 
 # ---- the hash ----------------------------------------------------------------------------------------
@@ -245,5 +246,5 @@ def test_paper_configs_compute_scratch_b_with_the_reference_convention(path: Pat
     """The paper's epochs came from its reference counters (docs/paper-settings.md §1.3-1.4); tables keep quoting
     MACs."""
     monkeypatch.chdir(REPO)
-    exp = load_experiment(path.relative_to(REPO))
-    assert all(r.convention == "reference" for r in exp.regimes.values() if r.compute)
+    for exp in load_experiments(path.relative_to(REPO)):
+        assert all(r.convention == "reference" for r in exp.regimes.values() if r.compute)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from lit_prune.protocol import ExperimentError, Protocol, RunLayout, load_experiment
+from lit_prune.protocol.config import load_experiments
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
@@ -19,13 +20,17 @@ EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_every_experiment_config_loads_and_dry_runs(path: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(REPO)  # configs name their files relative to the repository root
-    exp = load_experiment(path.relative_to(REPO))
-    out = tmp_path / "out"
+    for exp in load_experiments(path.relative_to(REPO)):  # a sweep file: each of its experiments
+        _dry_runs(exp, tmp_path / exp.name, capsys)
+
+
+def _dry_runs(exp, out: Path, capsys) -> None:
     protocol = Protocol(exp, out)
     stages = protocol.plan()
     assert protocol.run(dry_run=True) == {}
     printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
-    per_variant = [2 + len(exp.regimes) - bool(v.width_config) for v in exp.variants]  # no "pruned"
+    # prune, pruned (not for a fresh architecture: no weights to test) and the variant's regimes
+    per_variant = [2 + len(exp.regimes_of(v)) - v.fresh for v in exp.variants]
     assert len(printed) == len(stages) == len(exp.seeds) * (1 + sum(per_variant))
     for line, st in zip(printed, stages, strict=True):
         assert line.startswith(f"[{stages.index(st) + 1}/{len(stages)}] {st.label}")

@@ -2,6 +2,7 @@
 
     python -m lit_prune.rethink --config configs/experiments/quickstart.yaml
     python -m lit_prune.rethink --config configs/experiments/l1_resnet56.yaml --out runs/r56 --dry-run
+    python -m lit_prune.rethink --config configs/experiments/l1_resnet56.yaml --devices 0,1,2,3 --jobs-per-device 4
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from lit_prune.protocol import config as config_module
 from lit_prune.protocol.config import ExperimentError, load_experiment
+from lit_prune.protocol.executor import Slots
 from lit_prune.protocol.run import Protocol
 
 DESCRIPTION = "The protocol runner: one command runs a whole experiment of the paper."
@@ -42,11 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="experiment directory (default: the config's 'out', or runs/rethink/NAME)")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command and epochs, run nothing")
     parser.add_argument("--verbose", action="store_true", help="stream every stage's output instead of logging it")
+    side = parser.add_argument_group("stages side by side (lit_prune/protocol/executor.py)")
+    side.add_argument("--jobs", type=int, metavar="N",
+                      help="run up to N independent stages at once (seeds' chains, the regimes of one artifact); "
+                      "default 1, or every device slot with --devices; each job gets cores // N threads")
+    side.add_argument("--devices", metavar="0,1,...",
+                      help="pin each job to one of these devices (CUDA_VISIBLE_DEVICES); one device per stage")
+    side.add_argument("--jobs-per-device", type=int, metavar="K", help="jobs sharing each device (default 1)")
     args = parser.parse_args(argv)
     try:
+        slots = Slots.plan(args.jobs, args.devices, args.jobs_per_device)
         config = load_experiment(args.config)
         out = Path(args.out or config.out or Path("runs") / "rethink" / config.name)
-        Protocol(config, out).run(dry_run=args.dry_run, verbose=args.verbose)
+        Protocol(config, out).run(dry_run=args.dry_run, verbose=args.verbose, slots=slots)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -197,13 +197,15 @@ def _parent_death_preexec(sig: int) -> Callable[[], None] | None:
 
 
 def start_stage_process(command: Sequence[str], *, stdout: int | IO[Any] | None = None,
-                        stderr: int | IO[Any] | None = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+                        stderr: int | IO[Any] | None = None, pass_fds: Sequence[int] = (),
+                        env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Start a stage's process: its own session and process group (its pid is the group's id), SIGTERM
     when the runner dies (Linux), no terminal input (a stage in a background group must not stop on a
-    read), and the descriptors ``pass_fds`` (the stage's lock) inherited."""
+    read), and the descriptors ``pass_fds`` (the stage's lock) inherited. ``env``: variables set on top of
+    the runner's environment (a job's device and threads)."""
     return subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                             start_new_session=True, preexec_fn=_parent_death_preexec(signal.SIGTERM),
-                            pass_fds=tuple(pass_fds))
+                            pass_fds=tuple(pass_fds), env={**os.environ, **env} if env else None)
 
 
 def group_members(pgid: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Execution: the stages one after the other, each its own process, skipping those already done.
+"""Execution: the stages one after the other, each its own process, skipping those already done (with
+several jobs, independent stages side by side: :mod:`lit_prune.protocol.executor`).
 
 An experiment directory belongs to one config: ``experiment.json`` keeps its hash, and another config is
 refused rather than mixed in. A directory written before the hash covered the files named in ``args``
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -45,6 +46,9 @@ from lit_prune.protocol.lock import (
 )
 from lit_prune.protocol.plan import Planner, ScratchB, Stage
 
+if TYPE_CHECKING:
+    from lit_prune.protocol.executor import Slots
+
 #: how a stage's per-epoch progress lines start (lit_prune.callbacks.progress.PREFIX; not imported from there,
 #: since the runner loads no Lightning)
 PROGRESS_PREFIX = "epoch "
@@ -60,9 +64,13 @@ _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP
 class Interrupted(ExperimentError):
     """The runner got SIGTERM, SIGINT or SIGHUP; the running stage's processes were stopped."""
 
-    def __init__(self, signum: int, stage: str | None = None) -> None:
+    def __init__(self, signum: int, *stages: str) -> None:
         name = signal.Signals(signum).name
-        during = f" during stage '{stage}' (its processes were stopped)" if stage else ""
+        during = ""
+        if len(stages) == 1:
+            during = f" during stage '{stages[0]}' (its processes were stopped)"
+        elif stages:
+            during = f" during stages {', '.join(repr(s) for s in stages)} (their processes were stopped)"
         super().__init__(f"interrupted by {name}{during}; run the same command again to resume")
         self.signum = signum
 
@@ -85,6 +93,8 @@ class Protocol:
         self._stage_proc: subprocess.Popen | None = None  # the running stage's process (its group's leader)
         self._stage_lock: FileLock | None = None
         self._interrupted: int | None = None
+        # the stages in flight of a run with several jobs (lit_prune.protocol.executor.ParallelRun); None otherwise
+        self._in_flight: dict[str, subprocess.Popen] | None = None
 
     @property
     def epochs(self) -> int:
@@ -172,17 +182,12 @@ class Protocol:
         lock = FileLock(self.layout.stage_lock(st.dir))
 
         def waiting(holder: dict[str, Any]) -> None:
-            print(f"    {st.label}: still running in {describe(holder)}; waiting up to {STAGE_LOCK_WAIT:g} s "
-                  "for it to end ...", flush=True)
+            print(self.waiting_message(st, holder), flush=True)
 
         try:
             lock.acquire(holder_info(runner_pid=os.getpid(), stage=st.label), wait=STAGE_LOCK_WAIT, on_wait=waiting)
         except LockHeld as held:
-            pid = held.holder.get("pid")
-            stop = f" (or stop its process group: kill -TERM -- -{pid})" if pid else ""
-            raise ExperimentError(
-                f"stage '{st.label}' is still running: {describe(held.holder)} (lock {lock.path}); wait for it "
-                f"to end{stop}, then run the same command again") from None
+            raise self.still_running(st, held.holder, lock.path) from None
         self._stage_lock = lock
         try:
             yield lock
@@ -210,17 +215,46 @@ class Protocol:
     def _on_signal(self, signum: int, frame: Any) -> None:
         first = self._interrupted is None
         self._interrupted = self._interrupted or signum
-        proc = self._stage_proc
-        if proc is None:
+        procs = [self._stage_proc] if self._stage_proc is not None else list((self._in_flight or {}).values())
+        if not procs and self._in_flight is None:
             raise Interrupted(signum)
-        # a stage is running: _execute stops its group (SIGTERM, SIGKILL after STOP_GRACE s) and raises;
-        # a second signal does not wait for that
+        # stages are running: _execute (or the parallel scheduler's loop) stops their groups (SIGTERM, SIGKILL
+        # after STOP_GRACE s) and raises; a second signal does not wait for that
         if not first:
-            signal_group(proc.pid, signal.SIGKILL)
+            for proc in procs:
+                signal_group(proc.pid, signal.SIGKILL)
+
+    # -- what the runner says of a stage (one wording, sequential or side by side)
+    @staticmethod
+    def waiting_message(st: Stage, holder: dict[str, Any]) -> str:
+        return (f"    {st.label}: still running in {describe(holder)}; waiting up to {STAGE_LOCK_WAIT:g} s "
+                "for it to end ...")
+
+    @staticmethod
+    def still_running(st: Stage, holder: dict[str, Any], lock_path: Path) -> ExperimentError:
+        pid = holder.get("pid")
+        stop = f" (or stop its process group: kill -TERM -- -{pid})" if pid else ""
+        return ExperimentError(f"stage '{st.label}' is still running: {describe(holder)} (lock {lock_path}); wait for "
+                               f"it to end{stop}, then run the same command again")
+
+    def unfinished(self, st: Stage) -> ExperimentError:
+        return ExperimentError(
+            f"stage '{st.label}' ended (exit 0) without finishing: its "
+            f"{'artifact' if st.kind == 'prune' else 'metrics.json'} is missing in {st.dir}; was it "
+            f"terminated? Run the same command again to resume; log: {self.layout.stage_log(st.dir)}")
+
+    def failed(self, st: Stage, returncode: int, verbose: bool) -> ExperimentError:
+        log_path = self.layout.stage_log(st.dir)
+        tail = "" if verbose else "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        return ExperimentError(f"stage '{st.label}' failed (exit {returncode}); log: {log_path}\n{tail}\n"
+                               f"command: {shlex.join(st.command)}")
 
     # -- running
-    def run(self, *, dry_run: bool = False, verbose: bool = False) -> dict[str, Any]:
-        """Run every stage not done yet (holding the directory's lock), or with ``dry_run`` print them."""
+    def run(self, *, dry_run: bool = False, verbose: bool = False, slots: Slots | None = None) -> dict[str, Any]:
+        """Run every stage not done yet (holding the directory's lock), or with ``dry_run`` print them.
+
+        ``slots`` (:class:`~lit_prune.protocol.executor.Slots`): with more than one job, independent stages
+        run side by side (:class:`~lit_prune.protocol.executor.ParallelRun`); by default one after the other."""
         if dry_run:
             return self._run(self.plan(), dry_run=True, verbose=verbose)
         self._interrupted = None
@@ -230,7 +264,13 @@ class Protocol:
         with self.locked():
             self.prepare()  # under the lock: the marker of a new directory is written by one runner only
             with self._signals_handled():
-                return self._run(stages, dry_run=False, verbose=verbose)
+                if slots is None or slots.jobs == 1 and not slots.devices:
+                    return self._run(stages, dry_run=False, verbose=verbose)
+                from lit_prune.protocol.executor import ParallelRun
+
+                t_start = time.time()
+                ParallelRun(self, stages, slots, verbose).run()
+                return self.report(t_start)
 
     def _run(self, stages: list[Stage], *, dry_run: bool, verbose: bool) -> dict[str, Any]:
         t_start = time.time()
@@ -266,15 +306,16 @@ class Protocol:
                 t0 = time.time()
                 self._execute(st, verbose)
                 if not st.done():
-                    raise ExperimentError(
-                        f"stage '{st.label}' ended (exit 0) without finishing: its "
-                        f"{'artifact' if st.kind == 'prune' else 'metrics.json'} is missing in {st.dir}; was it "
-                        f"terminated? Run the same command again to resume; log: {self.layout.stage_log(st.dir)}")
+                    raise self.unfinished(st)
             m = read_metrics(st.dir)
             acc = f", test acc1 {100 * m['acc1']:.2f}%" if m else ""
             print(f"    done in {time.time() - t0:.1f} s{acc}", flush=True)
         if dry_run:
             return {}
+        return self.report(t_start)
+
+    def report(self, t_start: float) -> dict[str, Any]:
+        """Collect every stage's metrics, write results.md/.json/.png and print the table."""
         from lit_prune.protocol.report import collect, write_results
 
         results = collect(self.config, self.layout)
@@ -343,27 +384,31 @@ class Protocol:
         if self._interrupted is not None:
             raise Interrupted(self._interrupted, st.label)
         if proc.returncode != 0:
-            tail = "" if verbose else "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-            raise ExperimentError(f"stage '{st.label}' failed (exit {proc.returncode}); log: {log_path}\n{tail}\n"
-                                  f"command: {shlex.join(st.command)}")
+            raise self.failed(st, proc.returncode, verbose)
 
 
 class _ProgressEcho:
-    """Prints, indented under the stage's line, the per-epoch progress lines a stage appends to its log."""
+    """Prints the per-epoch progress lines a stage appends to its log, after ``prefix``: indented under the
+    stage's line, or (stages side by side) after the stage's label."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, prefix: str = "    ") -> None:
         self.path, self.offset, self.partial = log_path, log_path.stat().st_size if log_path.exists() else 0, b""
+        self.prefix = prefix
 
-    def poll(self) -> None:
+    def poll(self) -> list[str]:
+        """Print the progress lines appended since the last call; returns them."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read()
         except OSError:
-            return
+            return []
         self.offset += len(data)
         *lines, self.partial = (self.partial + data).split(b"\n")
+        found = []
         for raw in lines:
             line = raw.decode(errors="replace").strip()
             if line.startswith(PROGRESS_PREFIX):
-                print(f"    {line}", flush=True)
+                print(f"{self.prefix}{line}", flush=True)
+                found.append(line)
+        return found

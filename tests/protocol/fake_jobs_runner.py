@@ -1,0 +1,43 @@
+"""The protocol runner (``python -m lit_prune.rethink``) with every stage's command replaced by
+``tests/protocol/fake_job.py`` (no torch in the stages, no training), for the tests of stages side by side.
+
+    python tests/protocol/fake_jobs_runner.py --config EXP --out OUT --jobs 3 [...]
+
+Environment: ``FAKE_ARTIFACT`` (the artifact every prune stage copies), ``FAKE_SECONDS`` (each stage's
+duration, default 0.4), ``FAKE_FAIL`` (see fake_job.py), ``STAGE_LOCK_WAIT`` and ``STOP_GRACE`` (the
+runner's). Events land in ``OUT/events.jsonl``; the report is replaced by an empty one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from lit_prune.protocol import cli, plan, report, run
+
+FAKE_JOB = Path(__file__).with_name("fake_job.py")
+planned = plan.Planner.stages
+
+
+def fake_stages(self: plan.Planner) -> list[plan.Stage]:
+    events = self.layout.root / "events.jsonl"
+    return [replace(st, command=[sys.executable, str(FAKE_JOB), str(events), str(st.dir), st.kind,
+                                 os.environ.get("FAKE_SECONDS", "0.4"), os.environ["FAKE_ARTIFACT"]])
+            for st in planned(self)]
+
+
+def no_report(config, layout, results=None):
+    layout.results_md.write_text("(fake report)\n")
+    return {}
+
+
+if __name__ == "__main__":
+    plan.Planner.stages = fake_stages
+    report.collect = no_report
+    report.write_results = no_report
+    for name in ("STAGE_LOCK_WAIT", "STOP_GRACE"):
+        if name in os.environ:
+            setattr(run, name, float(os.environ[name]))
+    sys.exit(cli.main(sys.argv[1:]))

@@ -63,7 +63,7 @@ def test_prune_cli_from_torchvision_style_weights(tmp_path, capsys):
     assert "ratio 1.380" in capsys.readouterr().out
     # the flops CLI reads the artifact back and shows the unpruned size beside it
     assert flops.main([str(out)]) == 0
-    assert "FLOPs ratio 1.380 (l1_norm)" in capsys.readouterr().out
+    assert "FLOPs ratio 1.380 (macs convention; l1_norm)" in capsys.readouterr().out
 
 
 def test_prune_cli_refuses_bad_input(tmp_path, capsys):
@@ -148,6 +148,24 @@ def test_help_prints_without_loading_torch(command: str) -> None:
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "pytorch_lightning", "lightning"}, sorted(imported & {"torch", "pytorch_lightning"})
+
+
+def test_fit_help_names_our_callbacks_and_datamodules_not_every_layer(capsys, monkeypatch) -> None:
+    from lit_prune.cli.train import main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    out = "".join(text.split())  # class paths are broken across wrapped lines
+    start = out.index("--trainer.callbacksCALLBACKS,")
+    callbacks = out[start:out.index("--trainer.", out.index("knownsubclasses", start))]
+    assert "lit_prune.callbacks.L1FilterPruning" in callbacks and "lit_prune.callbacks.NetworkSlimming" in callbacks
+    assert callbacks.index("lit_prune.") < callbacks.index("pytorch_lightning.callbacks.")  # ours first
+    assert "lit_prune.datamodules.CIFARDataModule" in out and "lit_prune.datamodules.MNIST5kDataModule" in out
+    assert "torch.nn.Conv2d" not in out and "anytorch.nn.Moduleclasspath" in out
+    assert len(text.splitlines()) < 1000  # it was 1,470 lines, 680 of them torch.nn classes
 
 
 def test_train_py_prints_the_toolkits_errors_without_a_traceback() -> None:

@@ -7,10 +7,41 @@ import sys
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from jsonargparse import DefaultHelpFormatter
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+import lit_prune.callbacks  # noqa: F401  imported so that --help lists our callbacks and datamodules as choices
+import lit_prune.datamodules  # noqa: F401
 from lit_prune.callbacks.progress import EpochProgress
 from lit_prune.module import ImageClassifier
+
+#: where ``--help`` lists the known subclasses of a type, those of these packages are kept and named first
+_LISTED = ("lit_prune.", "pytorch_lightning.", "torchvision.models.", "timm.")
+_SUBCLASSES = ", known subclasses: "
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help with short lists of choices.
+
+    Where an option takes a class, jsonargparse lists every imported subclass of its type: for
+    ``--model.model`` (an ``nn.Module``) that is every ``torch.nn`` layer, about 700 lines, which the help
+    replaces by one line. Other lists keep the classes of our package first, then those of Lightning,
+    torchvision and timm, and say how many others they leave out (any importable class path is accepted).
+    """
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        start = text.find(_SUBCLASSES)
+        if start < 0:
+            return text
+        end = text.find(")", start)
+        paths = [p.strip() for p in text[start + len(_SUBCLASSES):end].split(",")]
+        if any(p.startswith("torch.nn.") for p in paths):  # any network: the list would be every layer there is
+            return f"{text[:start]}, any torch.nn.Module class path, e.g. torchvision.models.ResNet{text[end:]}"
+        listed = sorted((p for p in paths if p.startswith(_LISTED)), key=lambda p: (not p.startswith("lit_prune."), p))
+        other = len(paths) - len(listed)
+        more = f"{', ' if listed else ''}and {other} others" if other else ""
+        return f"{text[:start]}{_SUBCLASSES if listed else ', any subclass'}{', '.join(listed)}{more}{text[end:]}"
 
 
 class LRMonitor(LearningRateMonitor):
@@ -54,6 +85,7 @@ def main(args: list[str] | None = None) -> LitPruneCLI:
         subclass_mode_data=True,
         args=args,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"formatter_class": HelpFormatter},
     )
 
 

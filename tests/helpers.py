@@ -124,5 +124,9 @@ def execute_in_process(self: Any, st: Any, verbose: bool) -> None:
         run_stage(args)
     elif module == "lit_prune.prune":
         assert prune_main(args) == 0
+    elif module == "lit_prune.search":
+        from lit_prune.search.cli import main as search_main
+
+        assert search_main(args) == 0
     else:
         raise AssertionError(f"unexpected stage command {st.command}")

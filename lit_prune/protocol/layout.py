@@ -97,6 +97,31 @@ class RunLayout:
         """``tb/seed<N>/large``, ``tb/seed<N>/<variant>/<regime>``: the runs nest as the stage folders do."""
         return self.tb / f"seed{seed}" / self.tb_version(variant, kind)
 
+    def artifacts(self, variant: str) -> list[Path]:
+        """Every seed's artifact of ``variant`` in this (finished) experiment directory, by seed.
+
+        Raises:
+            FileNotFoundError: none (the message names the directory and the variants it has).
+        """
+        found = sorted(self.root.glob(f"seed*/{variant}/{PRUNE}/{ARTIFACT}"),
+                       key=lambda p: self.describe(p.parent)[0])
+        if not found:
+            have = sorted({p.parent.parent.name for p in self.root.glob(f"seed*/*/{PRUNE}/{ARTIFACT}")})
+            raise FileNotFoundError(f"no artifact of variant {variant!r} in {self.root} (its variants: {have})")
+        return found
+
+    @staticmethod
+    def large_model_of(artifact: Path) -> Path | None:
+        """The trained large model (``seed<N>/large/model.pt``) of the seed a variant's artifact belongs to, or None
+        for a file outside an experiment directory."""
+        try:
+            seed, variant, _ = RunLayout.describe(Path(artifact).parent)
+        except ValueError:
+            return None
+        if variant is None:
+            return None
+        return Path(artifact).parents[3] / f"seed{seed}" / LARGE / MODEL
+
     @staticmethod
     def describe(stage_dir: Path) -> tuple[int, str | None, str]:
         """``(seed, variant, kind)`` of a stage folder, from its last parts (the inverse of :meth:`stage_dir`).

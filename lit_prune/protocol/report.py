@@ -77,7 +77,23 @@ def results_table(config: ExperimentConfig, results: dict[str, Any]) -> str:
             lines.append(f"| {LABELS.get(row, row)} | {r['acc1_mean']:.2f} ± {r['acc1_std']:.2f} | {r['n']} | "
                          f"{'/'.join(map(str, r['epochs']))}{ms} | {r['wall_time_s']:.0f} s | {r['paper'] or ''} |")
         lines.append("")
+        note = _pruned_note(v)
+        if note:
+            lines += [note, ""]
     return "\n".join(lines)
+
+
+def _pruned_note(variant: dict[str, Any]) -> str | None:
+    """What the "Pruned (no retraining)" row is, with its drop from the unpruned model, when both ran."""
+    rows, f = variant["rows"], variant["flops"]
+    if "pruned" not in rows or "unpruned" not in rows:
+        return None
+    drop = rows["unpruned"]["acc1_mean"] - rows["pruned"]["acc1_mean"]
+    cut = f" removes {100 * (1 - 1 / f['ratio']):.0f}% of the MACs at once and" if f and f["ratio"] > 0 else ""
+    return (f"*{LABELS['pruned']}* is the pruned model tested as pruning left it, before any training: "
+            f"{drop:.1f} points below the unpruned model. Pruning{cut} takes away what the removed channels "
+            "computed; that drop is expected, and it is what fine-tuning starts from (Scratch-E/B do not use "
+            "these weights at all).")
 
 
 def write_results(config: ExperimentConfig, layout: RunLayout, results: dict[str, Any]) -> None:

@@ -114,6 +114,16 @@ def test_results_table_has_every_row_with_mean_and_std(tiny_run) -> None:
         assert f"| {mean:.2f} ± {std:.2f} | 2 |" in line, line
 
 
+def test_results_table_explains_the_pruned_row_with_its_drop(tiny_run) -> None:
+    out = tiny_run["out"]
+    table = (out / "results.md").read_text()
+    mean = {row: statistics.fmean(100 * _metrics(out, s, row)["acc1"] for s in SEEDS) for row in ("unpruned", "pruned")}
+    note = next(ln for ln in table.splitlines() if ln.startswith("*Pruned (no retraining)*"))
+    assert f"{mean['unpruned'] - mean['pruned']:.1f} points below the unpruned model" in note
+    ratio = json.loads((out / "results.json").read_text())["variants"]["l1"]["flops"]["ratio"]
+    assert f"removes {100 * (1 - 1 / ratio):.0f}% of the MACs" in note
+
+
 def test_results_json_matches_the_stage_metrics(tiny_run) -> None:
     out = tiny_run["out"]
     saved = json.loads((out / "results.json").read_text())

@@ -32,8 +32,18 @@ _NOT_SETTINGS = ("self", "artifact_path", "masked_artifact_path")
 
 
 def unwrap(pl_module: pl.LightningModule) -> nn.Module:
-    """The network inside a LightningModule (``pl_module.model`` for ours, else the module itself)."""
-    return getattr(pl_module, "model", pl_module)
+    """The network inside a LightningModule, whose module paths are the layer names every method uses.
+
+    ``pl_module.model`` (ours, and a common convention); else the one child module that holds every
+    parameter (a user's ``self.net = torchvision.models.resnet18()``: names are ``layer1.0.conv1``, not
+    ``net.layer1.0.conv1``); else the LightningModule itself.
+    """
+    model = getattr(pl_module, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    every = {id(p) for p in pl_module.parameters()}  # identities: lazy parameters have no size yet
+    holders = [m for m in pl_module.children() if {id(p) for p in m.parameters()} == every]
+    return holders[0] if every and len(holders) == 1 else pl_module
 
 
 def log_metrics(trainer: pl.Trainer | None, metrics: Mapping[str, float]) -> None:

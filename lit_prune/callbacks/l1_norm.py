@@ -48,6 +48,12 @@ class L1FilterPruning(PruningCallback):
             structured lottery-ticket experiments, docs/paper-settings.md §10.1, without the reference's indexing bug).
         keep_init: save theta_0 before training and write it into the artifact (lottery tickets).
         artifact_path: where the artifact is written (relative to the trainer's log directory).
+        aggregate: how the norms of a group's coupled layers combine (a residual stream of a model outside
+            the zoo): ``"first"`` (the group's own conv, the paper), ``"sum"`` or ``"mean"``.
+        round_to: round each width from ``prune_ratio`` up to a multiple of this (1: off, as in the paper).
+        global_ranking: rank the filters of all layers together (norms divided by their layer's mean) and
+            remove ``prune_ratio`` of them all; each layer keeps ``floor`` and loses at most ``max_layer_ratio``.
+        max_layer_ratio: the most a layer may lose under ``global_ranking``.
 
     Exactly one of ``target``, ``prune_ratio`` and ``keep`` is given.
     """
@@ -63,11 +69,16 @@ class L1FilterPruning(PruningCallback):
         mode: str = "physical",
         keep_init: bool = False,
         artifact_path: str | None = "pruned.pt",
+        aggregate: str = "first",
+        round_to: int = 1,
+        global_ranking: bool = False,
+        max_layer_ratio: float = 0.9,
     ) -> None:
         super().__init__(artifact_path, keep_init=keep_init)
         widths = WidthPlan(target=target, prune_ratio=prune_ratio, keep=keep, skip=list(skip or []), floor=floor,
-                           unit="filters")
-        self.pruner = FilterNormPruning(widths, criterion=criterion, mode=mode)
+                           unit="filters", round_to=round_to, global_ranking=global_ranking,
+                           max_layer_ratio=max_layer_ratio)
+        self.pruner = FilterNormPruning(widths, criterion=criterion, mode=mode, aggregate=aggregate)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

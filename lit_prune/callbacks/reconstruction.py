@@ -39,6 +39,7 @@ class ReconstructionPruning(PruningCallback):
             every layer without fine-tuning in between (fine-tune the artifact afterwards).
         finetune_lr: learning rate of those steps (ThiNet: 0.001).
         finetune_weight_decay: their weight decay.
+        round_to: round each width from ``prune_ratio`` up to a multiple of this (1: off, as in the papers).
         artifact_path: where the artifact is written (relative to the trainer's log directory); None writes none.
 
     Exactly one of ``target`` and ``prune_ratio`` is given.
@@ -62,13 +63,14 @@ class ReconstructionPruning(PruningCallback):
         finetune_lr: float = 1e-3,
         finetune_weight_decay: float = 1e-4,
         artifact_path: str | None = "pruned.pt",
+        round_to: int = 1,
     ) -> None:
         super().__init__(artifact_path)
         self.pruner = self.build({
             "target": target, "prune_ratio": prune_ratio, "layers": layers, "skip": skip, "num_images": num_images,
             "positions_per_image": positions_per_image, "seed": seed, "batch_size": batch_size, "ridge": ridge,
             "finetune_steps": finetune_steps, "finetune_lr": finetune_lr,
-            "finetune_weight_decay": finetune_weight_decay,
+            "finetune_weight_decay": finetune_weight_decay, "round_to": round_to,
         })
 
     def build(self, args: dict[str, Any]) -> LayerwiseReconstruction:

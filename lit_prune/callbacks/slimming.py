@@ -59,6 +59,8 @@ class NetworkSlimming(PruningCallback):
         threshold: ``"exact"`` removes exactly ``int(total * prune_ratio)`` channels (when no scales tie);
             ``"reference"`` is the paper's code, ``thr = sorted(|gamma|)[k]``, which removes one more. The paper
             configs set ``reference``, so that the channels kept are the reference's.
+        aggregate: how a channel's scale is read when several norms share it (a residual stream of a model
+            outside the zoo): ``"first"`` (the group's first norm), ``"sum"`` or ``"mean"`` over all of them.
 
     Raises:
         ValueError: an argument outside its range (the message names it).
@@ -78,6 +80,7 @@ class NetworkSlimming(PruningCallback):
         artifact_path: str | None = "pruned.pt",
         histogram_every_n_epochs: int = 1,
         threshold: str = "exact",
+        aggregate: str = "first",
     ) -> None:
         super().__init__(artifact_path)
         if isinstance(histogram_every_n_epochs, bool) or not isinstance(histogram_every_n_epochs, int) or (
@@ -85,7 +88,7 @@ class NetworkSlimming(PruningCallback):
         ):
             raise ValueError(f"histogram_every_n_epochs must be an int >= 0 (0 = never), got "
                              f"{histogram_every_n_epochs!r}")
-        self.pruner = BNScaleSlimming(sparsity, prune_ratio, include_bn1d, floor, threshold)
+        self.pruner = BNScaleSlimming(sparsity, prune_ratio, include_bn1d, floor, threshold, aggregate)
         self.prune_at_end, self.histogram_every_n_epochs = prune_at_end, histogram_every_n_epochs
         self._bn_names: list[str] | None = None  # module paths of the regularised BNs in the network
 

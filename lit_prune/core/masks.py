@@ -55,6 +55,8 @@ def group_masks(
             (structured lottery tickets).
     """
     keep = keep.to(torch.bool).cpu()
+    if group.members:
+        return _member_masks(model, group, keep, zero_bn=zero_bn, filters_only=filters_only, consumers=consumers)
     masks: Masks = {}
     if group.selection is not None:
         # The stream keeps its width; what changes is which channels the consumers read. Zeroing the
@@ -78,6 +80,43 @@ def group_masks(
     if consumers:
         masks.update({f"{path}.weight": _columns(model.get_submodule(path), keep) for path in group.consumers})
     return masks
+
+
+def _member_masks(model: nn.Module, group: ChannelGroup, keep: torch.Tensor, *, zero_bn: bool, filters_only: bool,
+                  consumers: bool) -> Masks:
+    """Masks of a Torch-Pruning group: every member's removed indices, on the dim it is pruned along.
+
+    Producers (``out``) lose rows of every tensor they own (weight, bias: a depthwise conv's filters, a
+    LayerNorm's scales), bare parameters their entries along their dim, consumers (``in``) their weight's
+    columns. ``filters_only`` keeps only the scored layer's rows; ``zero_bn=False`` leaves norms unmasked.
+    """
+    from lit_prune.core.graph import removed_indices
+
+    masks: Masks = {}
+    for (path, kind, dim), gone in removed_indices({group.name: group}, {group.name: keep}).items():
+        if kind == "param":
+            p = model.get_parameter(path)
+            masks[path] = _along(p, dim % p.dim(), gone)
+            continue
+        module = model.get_submodule(path)
+        norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+        if (filters_only and path != group.conv) or (norm and not zero_bn) or (kind == "in" and not consumers):
+            continue
+        if kind == "in":
+            masks[f"{path}.weight"] = _along(module.weight, 1, gone)
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            masks[f"{path}.{pname}"] = _along(p, 0, gone)
+    return masks
+
+
+def _along(p: torch.Tensor, dim: int, gone: torch.Tensor) -> torch.Tensor:
+    """A bool mask broadcasting to ``p`` that zeroes indices ``gone`` of dimension ``dim``."""
+    keep = torch.ones(p.shape[dim], dtype=torch.bool)
+    keep[gone] = False
+    shape = [1] * p.dim()
+    shape[dim] = -1
+    return keep.reshape(shape)
 
 
 def merge(*mask_sets: Mapping[str, torch.Tensor]) -> Masks:

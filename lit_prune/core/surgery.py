@@ -5,16 +5,22 @@ indices) and never rebuilds a model by hand. Zoo models read their width config 
 shapes, so afterwards ``architecture(model)`` describes the pruned weights and the artifact can rebuild
 them with ``create_model``. Surgery changes parameter objects: run it between training stages, before
 an optimizer or a DDP wrapper exists.
+
+Groups found by Torch-Pruning (any model outside the zoo, :mod:`lit_prune.core.graph`) are cut member by
+member: every tensor loses the indices of the removed channels of every group at once, our slicers for
+convs, linears and BatchNorms, Torch-Pruning's own per-layer functions for the rest (depthwise convs,
+LayerNorm, PReLU, embeddings), and attention blocks keep ``num_heads`` equal to their weights. The pruned
+model's groups are then the old ones renumbered (no second trace).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
+from lit_prune.core.groups import ChannelGroup, channel_groups, group_size, remember, structure_key
 from lit_prune.core.protocols import CompactsBlocks
 from lit_prune.core.selection import check_not_emptied
 
@@ -40,6 +46,16 @@ def _slice_out(module: nn.Module, idx: torch.Tensor) -> None:
         module.out_features = idx.numel()
     else:
         raise TypeError(f"cannot slice the outputs of a {type(module).__name__}")
+
+
+def _slice_columns(module: nn.Module, cols: torch.Tensor) -> None:
+    """Keep input columns ``cols`` of a (groups=1) conv or a linear layer."""
+    w = module.weight
+    module.weight = _param(w.detach().index_select(1, cols.to(w.device)), w)
+    if isinstance(module, nn.Conv2d):
+        module.in_channels = cols.numel()
+    else:
+        module.in_features = cols.numel()
 
 
 def _slice_in(module: nn.Module, idx: torch.Tensor, size: int) -> None:
@@ -74,6 +90,10 @@ def prune_group(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> No
         ValueError: ``keep`` has the wrong length, or it removes every channel of a plain chain (only a
             residual branch may vanish: its block then becomes its shortcut).
     """
+    if group.members:  # a Torch-Pruning group: cut with the model's other groups renumbered
+        listed = [g if g.name != group.name else group for g in channel_groups(model)]
+        _prune_members(model, listed, {group.name: keep})
+        return
     size = group_size(model, group)
     keep = keep.to(torch.bool).cpu()
     if keep.numel() != size:
@@ -96,12 +116,22 @@ def prune_group(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> No
         _slice_in(model.get_submodule(path), idx, size)
 
 
-def prune_groups(model: nn.Module, keeps: Mapping[str, torch.Tensor]) -> None:
-    """Apply :func:`prune_group` for every group named in ``keeps`` (group name -> keep vector)."""
-    groups = {g.name: g for g in channel_groups(model)}
+def prune_groups(
+    model: nn.Module, keeps: Mapping[str, torch.Tensor], groups: Sequence[ChannelGroup] | None = None
+) -> None:
+    """Apply :func:`prune_group` for every group named in ``keeps`` (group name -> keep vector).
+
+    Args:
+        groups: the model's groups when the caller has them (default :func:`channel_groups`).
+    """
+    listed = list(groups) if groups is not None else channel_groups(model)
+    groups = {g.name: g for g in listed}
     unknown = sorted(set(keeps) - set(groups))
     if unknown:
         raise KeyError(f"no prunable group named {', '.join(unknown)} in {type(model).__name__}")
+    if any(g.members for g in listed):
+        _prune_members(model, listed, keeps)
+        return
     # A residual branch pruned to nothing disappears whole; its other groups need no slicing first.
     vanishing = {n for n, k in keeps.items() if groups[n].branch and not bool(k.any())}
     gone = {path for n in vanishing for path in groups[n].branch}
@@ -122,3 +152,63 @@ def compact_blocks(model: nn.Module) -> None:
     removed (a :class:`~lit_prune.core.protocols.CompactsBlocks`); any other model is left as it is."""
     if isinstance(model, CompactsBlocks):
         model.compact_blocks()
+
+
+def _prune_members(model: nn.Module, listed: Sequence[ChannelGroup], keeps: Mapping[str, torch.Tensor]) -> None:
+    """Cut the members of Torch-Pruning groups: each tensor once, with the removed indices of every group."""
+    from lit_prune.core.graph import removed_indices, renumber
+
+    groups = {g.name: g for g in listed}
+    keeps = {n: k.to(torch.bool).cpu() for n, k in keeps.items()}
+    for name, keep in keeps.items():
+        size = group_size(model, groups[name])
+        if keep.numel() != size:
+            raise ValueError(f"group {name!r} has {size} channels but the keep mask has {keep.numel()}")
+        check_not_emptied(name, int(keep.sum()), (), "lower the prune ratio or keep at least one channel per layer "
+                          "(floor: 1)")
+    removed = removed_indices(groups, keeps)
+    for (path, kind, dim), gone in removed.items():
+        _cut(model, path, kind, dim, gone)
+    for name, keep in keeps.items():
+        path = groups[name].attention
+        if path is not None:  # the weights changed; the block's head count must say so
+            attn = model.get_submodule(path)
+            attn.num_heads = int(keep.sum())
+            if hasattr(attn, "attn_dim"):
+                attn.attn_dim = attn.num_heads * attn.head_dim
+    remember(model, renumber(listed, keeps, removed), structure_key(model))
+
+
+def _cut(model: nn.Module, path: str, kind: str, dim: int, gone: torch.Tensor) -> None:
+    """Remove indices ``gone`` of one member: our slicers where they apply, Torch-Pruning's functions otherwise."""
+    from torch_pruning.pruner import function as tpf
+
+    if kind == "param":
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        p = getattr(owner, name)
+        d = dim % p.dim()
+        keep = _complement(p.shape[d], gone)
+        setattr(owner, name, _param(p.detach().index_select(d, keep.to(p.device)), p))
+        return
+    m = model.get_submodule(path)
+    plain = isinstance(m, (nn.Linear, nn.modules.batchnorm._BatchNorm)) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+    if plain and kind == "out":
+        _slice_out(m, _complement(m.weight.shape[0] if m.weight is not None else m.num_features, gone))
+    elif plain:
+        _slice_columns(m, _complement(m.weight.shape[1], gone))
+    elif isinstance(m, nn.Conv2d):  # depthwise: its filters are its inputs
+        tpf.prune_depthwise_conv_out_channels(m, gone.tolist())
+    else:
+        import torch_pruning as tp
+
+        pruner = tpf.PrunerBox.get(tp.ops.module2type(m))
+        if pruner is None:
+            raise TypeError(f"cannot cut {path} ({type(m).__name__}): neither lit-prune nor Torch-Pruning slices it")
+        (pruner.prune_out_channels if kind == "out" else pruner.prune_in_channels)(m, gone.tolist())
+
+
+def _complement(size: int, gone: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[gone] = False
+    return keep.nonzero().flatten()

@@ -10,6 +10,16 @@ A plan is one of
 
 plus ``skip`` (patterns left whole) and ``floor`` (at least this many channels per group). A pattern that
 matches no group is refused: a typo would silently prune nothing.
+
+Two options for models run on real hardware (both off in every paper config):
+
+* ``round_to: N`` rounds each width that comes from a ratio *up* to a multiple of N (never above the
+  layer's width), so that the pruned layers keep the channel counts kernels are fast at (FLOPs parity);
+  a ``target`` or ``keep`` gives exact widths, so combining them with ``round_to`` is refused;
+* ``global_ranking: true`` ranks the channels of every group together (scores normalised by their group's
+  mean, so that layers of different scale compare) and removes ``prune_ratio`` of all of them with the one
+  global-threshold routine (:func:`lit_prune.core.selection.global_threshold`); each group then keeps at
+  least ``floor`` channels and loses at most ``max_layer_ratio`` of them, so no layer collapses.
 """
 
 from __future__ import annotations
@@ -18,11 +28,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
 from lit_prune.core.protocols import is_zoo_model
-from lit_prune.core.selection import check_not_emptied, check_patterns, check_ratio, matches_any, ratio_for
+from lit_prune.core.selection import (
+    check_not_emptied, check_patterns, check_ratio, global_threshold, matches_any, ratio_for,
+)
 from lit_prune.models import create_model
 
 
@@ -58,6 +71,9 @@ class WidthPlan:
     floor: int = 0
     #: the words for the error messages ("filters" for filter pruning, "channels" otherwise)
     unit: str = "channels"
+    round_to: int = 1
+    global_ranking: bool = False
+    max_layer_ratio: float = 0.9
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.target, self.prune_ratio, self.keep)) != 1:
@@ -71,6 +87,15 @@ class WidthPlan:
             raise ValueError(f"keep counts must be non-negative ints, got {dict(self.keep)}")
         if not _is_int(self.floor) or self.floor < 0:
             raise ValueError(f"floor must be >= 0 (an int: the minimum {self.unit} kept per layer), got {self.floor!r}")
+        if not _is_int(self.round_to) or self.round_to < 1:
+            raise ValueError(f"round_to must be an int >= 1 (1: no rounding), got {self.round_to!r}")
+        if self.round_to > 1 and self.prune_ratio is None:
+            raise ValueError("round_to rounds widths that come from prune_ratio; a target or keep gives exact widths, "
+                             "so drop round_to (or use prune_ratio)")
+        if self.global_ranking and not isinstance(self.prune_ratio, (int, float)):
+            raise ValueError("global_ranking needs one prune_ratio number (the fraction removed over all layers), "
+                             f"got {self.prune_ratio!r}")
+        check_ratio(self.max_layer_ratio, "max_layer_ratio")
         if isinstance(self.skip, str):
             raise ValueError(f"skip is a list of layer patterns, e.g. [{self.skip!r}]")
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -98,10 +123,36 @@ class WidthPlan:
             k = self._count(g.name, size, sizes)
             if k > size:
                 raise ValueError(f"target width {k} of {g.name!r} is larger than the layer ({size} {self.unit})")
+            k = self._round(k, size)
             k = max(k, min(self.floor, size))
             check_not_emptied(g.name, k, g.branch, f"keep more {self.unit}, lower its prune ratio or set floor: 1")
             counts[g.name] = k
         return counts
+
+    def global_counts(self, model: nn.Module, groups: Sequence[ChannelGroup],
+                      scores: Sequence[torch.Tensor]) -> dict[str, int]:
+        """Keep counts from one ranking of every channel of ``groups`` (``global_ranking``), by ``scores``.
+
+        Raises:
+            ValueError: as :meth:`counts`.
+        """
+        names = [g.name for g in groups]
+        check_patterns(self.skip, names, "skip")
+        ranked = [i for i, g in enumerate(groups) if not matches_any(g.name, self.skip)]
+        normalised = [scores[i].float() / scores[i].float().mean().clamp_min(1e-12) for i in ranked]
+        kept = dict(zip(ranked, global_threshold(normalised, float(self.prune_ratio)), strict=True))
+        counts = {}
+        for i, g in enumerate(groups):
+            size = group_size(model, g)
+            if i not in kept:
+                counts[g.name] = size
+                continue
+            k = max(int(kept[i].sum()), size - int(size * self.max_layer_ratio), min(self.floor, size), 1)
+            counts[g.name] = self._round(k, size)
+        return counts
+
+    def _round(self, k: int, size: int) -> int:
+        return min(size, -(-k // self.round_to) * self.round_to) if k else k
 
     def _count(self, name: str, size: int, sizes: Mapping[str, int] | None) -> int:
         if matches_any(name, self.skip):

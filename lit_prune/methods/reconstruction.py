@@ -104,8 +104,9 @@ class LayerwiseReconstruction(PruningMethod):
         finetune_steps: int = 0,
         finetune_lr: float = 1e-3,
         finetune_weight_decay: float = 1e-4,
+        round_to: int = 1,
     ) -> None:
-        self.widths = WidthPlan(target=target, prune_ratio=prune_ratio, skip=list(skip or []))
+        self.widths = WidthPlan(target=target, prune_ratio=prune_ratio, skip=list(skip or []), round_to=round_to)
         _positive_int(num_images, "num_images", " (training images sampled)")
         _positive_int(positions_per_image, "positions_per_image", " (the papers use 10)")
         if batch_size is not None:

@@ -77,8 +77,14 @@ class SoftFilterSelection(PruningMethod):
         keeps = {}
         for g in channel_groups(model):
             mask = masks.get(f"{g.conv}.weight") if g.conv is not None else None
-            if mask is not None and g.selection is None and g.conv in g.producers:
-                keeps[g.name] = mask.flatten().bool()
+            if mask is None or g.selection is not None or g.conv not in g.producers:
+                continue
+            if g.members:  # a Torch-Pruning group: only one conv may write its channels (not a residual stream)
+                writers = [p for p in g.producers if isinstance(model.get_submodule(p), (nn.Conv2d, nn.Linear))]
+                own = next(m for m in g.members if m.path == g.conv and m.kind == "out")
+                if writers != [g.conv] or own.idx != own.roots:
+                    continue
+            keeps[g.name] = mask.flatten().bool()
         return keeps
 
     def decide(self, model: nn.Module, ctx: Context) -> Decision:

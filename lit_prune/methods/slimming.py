@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lit_prune.core.groups import ChannelGroup, channel_groups
-from lit_prune.core.importance import group_scores
+from lit_prune.core.importance import AGGREGATES, group_scores
 from lit_prune.core.selection import THRESHOLD_RULES, apply_floor, check_not_emptied, check_ratio, global_threshold
 from lit_prune.methods.base import Context, Decision, PruningMethod
 
@@ -23,7 +23,7 @@ class BNScaleSlimming(PruningMethod):
     name = "network_slimming"
 
     def __init__(self, sparsity: float = 1e-4, prune_ratio: float = 0.7, include_bn1d: bool = False,
-                 floor: int = 0, threshold: str = "exact") -> None:
+                 floor: int = 0, threshold: str = "exact", aggregate: str = "first") -> None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not sparsity >= 0:
             raise ValueError(f"sparsity (the L1 weight s on BN gamma) must be a number >= 0, got {sparsity!r}; "
                              "the paper uses 1e-4 (CIFAR VGG) or 1e-5 (PreResNet, DenseNet, ImageNet)")
@@ -35,13 +35,20 @@ class BNScaleSlimming(PruningMethod):
             raise ValueError(f"threshold must be one of {', '.join(THRESHOLD_RULES)} ('reference': the paper's code, "
                              f"sorted[k], which removes one channel more), got {threshold!r}")
         self.floor, self.threshold = floor, threshold
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)} (how the scales of a group's coupled "
+                             f"norms combine), got {aggregate!r}")
+        self.aggregate = aggregate
 
     # ---- sparsity ------------------------------------------------------------------------------------
     def regularised(self, bn: nn.Module) -> bool:
-        """Whether ``bn`` gets the penalty: every BatchNorm2d, BatchNorm1d only with ``include_bn1d``."""
+        """Whether ``bn`` gets the penalty: every BatchNorm2d and LayerNorm (with affine scales; the norms of
+        ConvNeXt and ViT streams in a model outside the zoo), BatchNorm1d only with ``include_bn1d``."""
         # A SyncBatchNorm no longer says whether it was 1d or 2d; one present before fit is taken as 2d.
         if isinstance(bn, nn.BatchNorm1d):
             return self.include_bn1d
+        if isinstance(bn, nn.LayerNorm):
+            return bn.elementwise_affine
         return isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
 
     def find_bns(self, model: nn.Module) -> list[str]:
@@ -73,7 +80,7 @@ class BNScaleSlimming(PruningMethod):
         if not groups:
             raise ValueError(f"{type(model).__name__} has no channel group with a BatchNorm"
                              f"{'' if self.include_bn1d else '2d'} to score; Network Slimming needs BN layers")
-        scores = [group_scores(model, g, "bn_gamma") for g in groups]
+        scores = [group_scores(model, g, "bn_gamma", self.aggregate) for g in groups]
         keeps = global_threshold(scores, self.prune_ratio, rule=self.threshold)
         keeps = [apply_floor(s, k, self.floor) for s, k in zip(scores, keeps, strict=True)]
         result = {g.name: k for g, k in zip(groups, keeps, strict=True)}

@@ -45,6 +45,12 @@ class BlockSelection(PruningMethod):
             ValueError: the model has no block factors (it was built without ``gates: true``).
         """
         gates = block_gates(model)
+        if not gates and not is_zoo_model(model):
+            raise ValueError(
+                f"SparseStructureSelection needs residual blocks with learnable block factors, which only zoo models "
+                f"built with gates: true have (families: {_GATED_FAMILIES}); {type(model).__name__} is not a zoo model. "
+                "Use a filter or channel method (L1FilterPruning, NetworkSlimming, SoftFilterPruning) for it"
+            )
         if not gates:
             raise ValueError(
                 f"SparseStructureSelection needs a model built with block factors, but this "

@@ -31,6 +31,10 @@ def consumer_of(model: nn.Module, group: ChannelGroup) -> tuple[str, nn.Module]:
         )
     path = group.consumers[0]
     m = model.get_submodule(path)
+    reader = next((r for r in group.members if r.path == path and r.kind == "in"), None)
+    if reader is not None and (reader.idx != reader.roots or len(reader.idx) != m.weight.shape[1]):
+        raise ValueError(f"{path} reads {group.name!r} through an index map (a concatenation or a flatten); "
+                         "reconstruction needs a consumer that reads exactly the group's channels, in order")
     if isinstance(m, nn.Conv2d):
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise ValueError(f"{path}: only ungrouped convs with numeric zero padding can be reconstructed")

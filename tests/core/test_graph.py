@@ -1,0 +1,233 @@
+"""Channel groups of models outside the zoo, from Torch-Pruning's dependency graph: coverage, coupling, surgery.
+
+Small versions of each family (torchvision and timm code, random weights, reduced widths, 32x32 inputs):
+every conv output channel lands in a group, coupled layers go together, the physically pruned model equals
+the masked dense one (BatchNorm models) or Torch-Pruning's own pruning of the same channels (LayerNorm
+streams), and the groups renumbered after surgery are the groups a fresh trace finds.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from lit_prune.core import groups as groups_module
+from lit_prune.core.graph import mask_exact, tp_channel_groups
+from lit_prune.core.groups import channel_groups, group_size
+from lit_prune.core.importance import group_scores
+from lit_prune.core.masks import apply_masks, group_masks, merge
+from lit_prune.core.surgery import prune_groups
+from lit_prune.models import create_model
+from tests.helpers import randomize_bn
+
+SIZE = (3, 32, 32)
+
+
+def _resnet() -> nn.Module:
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+
+
+def _densenet() -> nn.Module:
+    return torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                                       num_classes=10)
+
+
+BUILDERS = {
+    "resnet": _resnet,
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=10),
+    "densenet": _densenet,
+    "efficientnet": lambda: timm.create_model("test_efficientnet", num_classes=10),
+    "convnext": lambda: timm.create_model("test_convnext", num_classes=10),
+    "vit": lambda: timm.create_model("test_vit", num_classes=10, img_size=32),
+}
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = BUILDERS[name]().eval()
+    randomize_bn(model)  # a forgotten beta or running mean would show
+    with torch.no_grad():  # ConvNeXt's layer scales start at 1e-6: its blocks would barely count
+        for n, p in model.named_parameters():
+            if n.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _keeps(model: nn.Module, groups, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for group in groups:
+        keep = torch.rand(group_size(model, group), generator=g) < 0.6
+        keep[0] = True
+        out[group.name] = keep
+    return out
+
+
+def _covered(model: nn.Module, groups) -> set[str]:
+    """Conv layers every output channel of which belongs to some group."""
+    out = set()
+    for g in groups:
+        for m in g.members:
+            if m.kind == "out" and isinstance(model.get_submodule(m.path), nn.Conv2d):
+                if len(set(m.idx)) == model.get_submodule(m.path).out_channels:
+                    out.add(m.path)
+    return out
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_groups_cover_every_conv_and_pruned_equals_masked(name: str) -> None:
+    model = _build(name)
+    groups = channel_groups(model, SIZE)
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert _covered(model, groups) == convs
+    keeps = _keeps(model, groups)
+    exact = [g for g in groups if mask_exact(model, g)]
+    assert exact and (len(exact) == len(groups)) == (name not in ("convnext", "vit"))
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, merge(*[group_masks(masked, g, keeps[g.name]) for g in exact]))
+    prune_groups(pruned, {g.name: keeps[g.name] for g in exact}, groups)
+    x = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, out_masked, out_pruned = model(x), masked(x), pruned(x)
+    torch.testing.assert_close(out_pruned, out_masked, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(full, out_masked, atol=1e-3)  # the pruning changed the function
+    assert sum(p.numel() for p in pruned.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
+    # trace once: the renumbered groups of the pruned model are what a fresh trace of it finds
+    assert channel_groups(pruned) == tp_channel_groups(pruned, SIZE)
+    for g in channel_groups(pruned):
+        if g.name in keeps and g in exact or g.name in {e.name for e in exact}:
+            assert group_size(pruned, g) == int(keeps[g.name].sum())
+
+
+@pytest.mark.parametrize("name", ["convnext", "vit"])
+def test_layernorm_streams_are_pruned_as_torch_pruning_prunes_them(name: str) -> None:
+    model = _build(name)
+    groups = [g for g in channel_groups(model, SIZE) if not mask_exact(model, g)]
+    assert groups and all(g.bn is not None for g in groups)  # the stream's LayerNorm is the group's norm
+    keeps = _keeps(model, groups, seed=3)
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    prune_groups(ours, keeps, groups)
+    dg = tp.DependencyGraph().build_dependency(theirs, torch.zeros(1, *SIZE), verbose=False)
+    for g in groups:
+        root = theirs.get_submodule(g.members[0].path)
+        gone = (~keeps[g.name]).nonzero().flatten().tolist()
+        fn = dg.get_pruner_of_module(root).prune_out_channels
+        dg.get_pruning_group(root, fn, gone).prune()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))  # bit-identical
+
+
+def test_a_residual_stream_is_one_group_and_a_depthwise_conv_goes_with_its_producer() -> None:
+    resnet = _build("resnet")
+    stream = next(g for g in channel_groups(resnet, SIZE) if "conv1" in g.producers)
+    assert {"conv1", "bn1", "layer1.0.conv2", "layer1.0.bn2"} <= set(stream.producers)
+    assert {"layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample.0"} <= set(stream.consumers)
+    mb = _build("mobilenet_v2")
+    expand = next(g for g in channel_groups(mb, SIZE) if "features.2.conv.0.0" in g.producers)
+    assert {"features.2.conv.0.1", "features.2.conv.1.0", "features.2.conv.1.1"} <= set(expand.producers)
+    assert expand.consumers == ("features.2.conv.2",)
+    pruned = copy.deepcopy(mb)
+    keep = torch.arange(group_size(mb, expand)) % 3 != 0
+    prune_groups(pruned, {expand.name: keep})
+    dw = pruned.features[2].conv[1][0]
+    assert dw.in_channels == dw.out_channels == dw.groups == int(keep.sum())
+    torch.testing.assert_close(dw.weight, mb.features[2].conv[1][0].weight[keep])
+
+
+def test_a_concatenation_maps_a_producer_to_its_offsets_in_every_reader() -> None:
+    model = _build("densenet")
+    g = next(g for g in channel_groups(model, SIZE) if g.name == "features.denseblock1.denselayer1.conv2")
+    reader = next(m for m in g.members if m.path == "features.denseblock1.denselayer2.conv1")
+    assert reader.kind == "in" and reader.idx == (8, 9, 10, 11)  # after the 8 stem channels
+    keep = torch.tensor([True, False, True, False])
+    pruned = copy.deepcopy(model)
+    prune_groups(pruned, {g.name: keep})
+    cols = [i for i in range(12) if i not in (9, 11)]
+    torch.testing.assert_close(pruned.features.denseblock1.denselayer2.conv1.weight,
+                               model.features.denseblock1.denselayer2.conv1.weight[:, cols])
+
+
+def test_vit_heads_are_pruned_with_consistent_attributes() -> None:
+    model = _build("vit")
+    attn = model.blocks[0].attn
+    heads = next(g for g in channel_groups(model, SIZE) if g.name == "blocks.0.attn.heads")
+    assert group_size(model, heads) == attn.num_heads and heads.attention == "blocks.0.attn"
+    keep = torch.zeros(attn.num_heads, dtype=torch.bool)
+    keep[1] = True
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, group_masks(masked, heads, keep))
+    prune_groups(pruned, {heads.name: keep})
+    a = pruned.blocks[0].attn
+    assert (a.num_heads, a.attn_dim, a.qkv.out_features, a.proj.in_features) == (1, a.head_dim, 3 * a.head_dim,
+                                                                                 a.head_dim)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-4)
+    # the head's score sums its qkv rows
+    l1 = group_scores(model, heads, "l1")
+    d = attn.head_dim * attn.num_heads
+    rows = attn.qkv.weight.detach().abs().sum(1).reshape(3, attn.num_heads, attn.head_dim)
+    torch.testing.assert_close(l1, rows.sum((0, 2)))
+    assert d == attn.attn_dim
+
+
+def test_aggregates_score_every_coupled_layer() -> None:
+    model = _build("resnet")
+    stream = next(g for g in channel_groups(model, SIZE) if "conv1" in g.producers)
+    convs = [p for p in stream.producers if isinstance(model.get_submodule(p), nn.Conv2d)]
+    per = torch.stack([model.get_submodule(p).weight.detach().abs().flatten(1).sum(1) for p in convs])
+    torch.testing.assert_close(group_scores(model, stream, "l1", "sum"), per.sum(0))
+    torch.testing.assert_close(group_scores(model, stream, "l1", "mean"), per.mean(0))
+    first = model.get_submodule(stream.conv).weight.detach().abs().flatten(1).sum(1)
+    torch.testing.assert_close(group_scores(model, stream, "l1"), first)
+    with pytest.raises(ValueError, match="unknown aggregate"):
+        group_scores(model, stream, "l1", "max")
+
+
+def test_tracing_changes_nothing_and_happens_once(monkeypatch) -> None:
+    model = _build("resnet").train()
+    model.layer1[0].bn1.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups_module._TRACED.clear()
+    calls = []
+    real = tp.DependencyGraph.build_dependency
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    groups = channel_groups(model, SIZE)
+    assert model.training and not model.layer1[0].bn1.training and model.layer1[0].bn2.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    copy_ = copy.deepcopy(model)
+    assert channel_groups(copy_) == groups  # same architecture: no second trace
+    prune_groups(copy_, _keeps(copy_, groups))
+    channel_groups(copy_)
+    assert len(calls) == 1
+
+
+def test_groups_reaching_the_output_or_a_grouped_conv_are_refused() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                        nn.ReLU(), nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+    names = {g.name for g in tp_channel_groups(net)}
+    assert names == {"5"}  # 0 feeds the grouped conv, which is refused; 8 makes the logits
+
+
+def test_a_forward_that_fails_names_input_size_and_zoo_declarations_win() -> None:
+    class NeedsFour(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(TypeError, match="input_size"):
+        channel_groups(NeedsFour())
+    assert channel_groups(NeedsFour(), (4, 8, 8)) == []  # its only conv makes the output
+    zoo = create_model("cifar_resnet20", cfg=[4, 4, 4, 8, 8, 8, 16, 16, 16])
+    assert channel_groups(zoo) == zoo.channel_groups() and all(g.branch for g in channel_groups(zoo))

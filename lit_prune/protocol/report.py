@@ -106,6 +106,27 @@ def write_results(config: ExperimentConfig, layout: RunLayout, results: dict[str
     plot(results, layout.results_png)
 
 
+def efficiency_panel(ax: Any, series: dict[str, list[tuple[float, float, float]]],
+                     reference: tuple[float, float, float] | None, xlabel: str, title: str) -> None:
+    """Accuracy against a model size: one line per series of ``(size, mean, std)`` points (sorted by size), the
+    unpruned model as a grey star with a dotted line at its accuracy. Shared by the runner's plot and the
+    cross-experiment report's parameter-efficiency plots (:mod:`lit_prune.protocol.compare`)."""
+    for label, points in series.items():
+        pts = sorted(points)
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", capsize=3,
+                        label=label)
+    if reference is not None:
+        ax.errorbar([reference[0]], [reference[1]], [reference[2]], marker="*", markersize=10, color="0.4",
+                    linestyle="none", capsize=3, label="unpruned")
+        ax.axhline(reference[1], color="0.6", linestyle=":", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:  # nothing to show without the sizes (the variants' artifacts)
+        ax.legend(fontsize=8)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Accuracy per regime with error bars; accuracy against FLOPs when several variants ran.
 
@@ -152,24 +173,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{results['name']}: {data}mean ± std over {n} seed{'s' if n != 1 else ''}", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(len(variants) + len(shared), 4), fontsize=8)
     if several:
-        ax2 = axes[0][1]
-        for regime in [r for r in per_variant if r != "pruned"]:
-            pts = sorted((v["flops"]["pruned"]["macs"], v["rows"][regime]["acc1_mean"], v["rows"][regime]["acc1_std"])
-                         for v in variants.values() if v["flops"] and regime in v["rows"])
-            if pts:
-                ax2.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", capsize=3,
-                             label=LABELS.get(regime, regime))
+        series = {LABELS.get(regime, regime): [
+            (v["flops"]["pruned"]["macs"], v["rows"][regime]["acc1_mean"], v["rows"][regime]["acc1_std"])
+            for v in variants.values() if v["flops"] and regime in v["rows"]]
+            for regime in per_variant if regime != "pruned"}
         flops = next((v["flops"] for v in variants.values() if v["flops"]), None)
+        reference = None
         if shared and flops:  # the large model as the reference point
             row = first["rows"]["unpruned"]
-            ax2.errorbar([flops["dense"]["macs"]], [row["acc1_mean"]], [row["acc1_std"]], marker="*", markersize=10,
-                         color="0.4", linestyle="none", capsize=3, label="unpruned")
-            ax2.axhline(row["acc1_mean"], color="0.6", linestyle=":", linewidth=1)
-        ax2.set_xlabel("MACs of the model")
-        ax2.set_ylabel("test top-1 accuracy (%)")
-        ax2.set_title("accuracy against FLOPs", fontsize=10)
-        if ax2.get_legend_handles_labels()[0]:  # no point without the variants' artifacts (their MACs)
-            ax2.legend(fontsize=8)
+            reference = (flops["dense"]["macs"], row["acc1_mean"], row["acc1_std"])
+        efficiency_panel(axes[0][1], series, reference, "MACs of the model", "accuracy against FLOPs")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -3,6 +3,7 @@
     python -m lit_prune.rethink --config configs/experiments/quickstart.yaml
     python -m lit_prune.rethink --config configs/experiments/l1_resnet56.yaml --out runs/r56 --dry-run
     python -m lit_prune.rethink --config configs/experiments/l1_resnet56.yaml --devices 0,1,2,3 --jobs-per-device 4
+    python -m lit_prune.rethink --config configs/experiments/l1_resnet56.yaml --executor slurm --slurm-partition gpu
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lit_prune.protocol import config as config_module
 from lit_prune.protocol.config import ExperimentError, load_experiment
 from lit_prune.protocol.executor import Slots
 from lit_prune.protocol.run import Protocol
+from lit_prune.protocol.slurm import DEFAULT_TIME, ClusterOptions
 
 DESCRIPTION = "The protocol runner: one command runs a whole experiment of the paper."
 _REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +53,41 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--devices", metavar="0,1,...",
                       help="pin each job to one of these devices (CUDA_VISIBLE_DEVICES); one device per stage")
     side.add_argument("--jobs-per-device", type=int, metavar="K", help="jobs sharing each device (default 1)")
+    jobs = parser.add_argument_group("stages as cluster jobs (lit_prune/protocol/slurm.py; needs submitit)")
+    jobs.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                      help="local: this runner's own processes (default); slurm: one Slurm job per stage, with "
+                      "afterok dependencies; submitit-local: the same jobs as local processes (a trial run)")
+    jobs.add_argument("--slurm-partition", help="the jobs' partition")
+    jobs.add_argument("--slurm-time", type=int, metavar="MIN", default=DEFAULT_TIME,
+                      help=f"the jobs' time limit in minutes (default {DEFAULT_TIME})")
+    jobs.add_argument("--slurm-account", help="the account the jobs are charged to")
+    jobs.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other submitit Slurm parameter (qos=high, constraint=a100, cpus_per_task=8, "
+                      "mem_gb=64, ...); repeatable")
+    jobs.add_argument("--no-wait", action="store_true",
+                      help="submit what can be submitted and exit (run again to collect and continue)")
+    jobs.add_argument("--cancel", action="store_true", help="cancel the experiment's recorded jobs, run nothing")
     args = parser.parse_args(argv)
     try:
         slots = Slots.plan(args.jobs, args.devices, args.jobs_per_device)
+        cluster = None
+        if args.executor != "local" or args.cancel:
+            if args.devices or args.jobs_per_device:
+                raise ExperimentError("--devices and --jobs-per-device are for --executor local; a cluster job asks "
+                                      "for trainer.devices x trainer.num_nodes GPUs itself")
+            cluster = ClusterOptions("slurm" if args.executor == "local" else args.executor, args.slurm_partition,
+                                     args.slurm_time, args.slurm_account, ClusterOptions.parse_params(args.slurm_param),
+                                     args.jobs)
+        elif args.no_wait:
+            raise ExperimentError("--no-wait is for --executor slurm (local stages end with their runner)")
         config = load_experiment(args.config)
         out = Path(args.out or config.out or Path("runs") / "rethink" / config.name)
-        Protocol(config, out).run(dry_run=args.dry_run, verbose=args.verbose, slots=slots)
+        protocol = Protocol(config, out)
+        if args.cancel:
+            protocol.cancel(cluster)
+        else:
+            protocol.run(dry_run=args.dry_run, verbose=args.verbose, slots=slots, cluster=cluster,
+                         wait=not args.no_wait)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

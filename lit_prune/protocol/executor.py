@@ -5,7 +5,8 @@ A stage starts once the stages it needs are done::
 
     seed<N>/large                           nothing
     seed<N>/<variant>/prune                 seed<N>/large (iterative pruning: the source variant's regime);
-                                            nothing for a predefined architecture (width_config)
+                                            nothing for a predefined architecture (width_config); Section 5's
+                                            controls also the prune stages of the variants they copy
     seed<N>/<variant>/pruned, /<regime>     seed<N>/<variant>/prune (Scratch-B's budget is read from its artifact)
 
 so the seeds' chains run side by side, and so do the regimes of one artifact. Every guarantee of the
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from lit_prune.protocol import run as run_module  # its STAGE_LOCK_WAIT and STOP_GRACE, read when used
-from lit_prune.protocol.config import ExperimentConfig, ExperimentError
+from lit_prune.protocol.config import ExperimentConfig, ExperimentError, VariantConfig
 from lit_prune.protocol.layout import LARGE, PRUNE, read_metrics
 from lit_prune.protocol.lock import FileLock, holder_info, signal_group, start_stage_process, stop_group
 from lit_prune.protocol.plan import Stage
@@ -56,17 +57,30 @@ def dependencies(config: ExperimentConfig, stages: Sequence[Stage]) -> dict[str,
             keys = []
         elif st.kind == PRUNE:
             assert st.variant is not None, st
-            v = config.variant(st.variant)
-            if v.width_config:
-                keys = []
-            elif v.source is not None:
-                keys = [(st.seed, v.source.variant, v.source.regime)]
-            else:
-                keys = [(st.seed, None, LARGE)]
+            keys = _prune_needs(config, config.variant(st.variant), st.seed)
         else:
             keys = [(st.seed, st.variant, PRUNE)]
         needs[st.label] = tuple(labels[k] for k in keys if k in labels)
     return needs
+
+
+def _prune_needs(config: ExperimentConfig, v: VariantConfig, seed: int) -> list[tuple[int, str | None, str]]:
+    """What a variant's prune stage reads: the model it prunes (the large one, or its source variant's
+    retrained model), and for Section 5's controls the artifacts they copy (uniform and random: the
+    method's; guided: those of this experiment it averages)."""
+
+    def model(w: VariantConfig) -> list[tuple[int, str | None, str]]:
+        return [(seed, w.source.variant, w.source.regime)] if w.source is not None else [(seed, None, LARGE)]
+
+    if v.width_config:
+        return []
+    ref = v.uniform or v.random
+    if ref is not None:
+        return [(seed, ref.of, PRUNE), *model(config.variant(ref.of))]
+    if v.guided is not None:
+        of = [] if v.guided.source_dir else [(seed, o, PRUNE) for o in v.guided.of]
+        return [*of, *model(v)]
+    return model(v)
 
 
 def cpu_count() -> int:

@@ -48,6 +48,7 @@ from lit_prune.protocol.plan import Planner, ScratchB, Stage
 
 if TYPE_CHECKING:
     from lit_prune.protocol.executor import Slots
+    from lit_prune.protocol.slurm import ClusterOptions
 
 #: how a stage's per-epoch progress lines start (lit_prune.callbacks.progress.PREFIX; not imported from there,
 #: since the runner loads no Lightning)
@@ -110,7 +111,7 @@ class Protocol:
     # -- the directory
     def prepare(self) -> None:
         """Tie the directory to this config, refusing one made by another config."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._make_out()
         marker = self.layout.marker
         if not marker.is_file():
             self._write_marker()
@@ -155,11 +156,18 @@ class Protocol:
               f"now tied to hash {self.hash}", flush=True)
         self._write_marker()
 
+    def _make_out(self) -> None:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ExperimentError(f"cannot use --out {self.out} ({err.strerror}: {err.filename}); choose a folder "
+                                  "that can be created and written") from None
+
     # -- one runner at a time
     @contextmanager
     def locked(self) -> Iterator[FileLock]:
         """Hold the experiment directory's lock (a second runner is refused, naming this one)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._make_out()
         lock = FileLock(self.layout.lock)
         try:
             lock.acquire(holder_info(command=sys.argv))
@@ -250,13 +258,21 @@ class Protocol:
                                f"command: {shlex.join(st.command)}")
 
     # -- running
-    def run(self, *, dry_run: bool = False, verbose: bool = False, slots: Slots | None = None) -> dict[str, Any]:
+    def run(self, *, dry_run: bool = False, verbose: bool = False, slots: Slots | None = None,
+            cluster: ClusterOptions | None = None, wait: bool = True) -> dict[str, Any]:
         """Run every stage not done yet (holding the directory's lock), or with ``dry_run`` print them.
 
         ``slots`` (:class:`~lit_prune.protocol.executor.Slots`): with more than one job, independent stages
-        run side by side (:class:`~lit_prune.protocol.executor.ParallelRun`); by default one after the other."""
+        run side by side (:class:`~lit_prune.protocol.executor.ParallelRun`); by default one after the other.
+        ``cluster`` (:class:`~lit_prune.protocol.slurm.ClusterOptions`): every stage a job of a cluster
+        (:mod:`lit_prune.protocol.slurm`), collected until all are done (``wait``) or left to run."""
         if dry_run:
-            return self._run(self.plan(), dry_run=True, verbose=verbose)
+            results = self._run(self.plan(), dry_run=True, verbose=verbose)
+            if cluster is not None:
+                from lit_prune.protocol.slurm import dry_run_note
+
+                dry_run_note(self, self.plan(), cluster)
+            return results
         self._interrupted = None
         stages = self.plan()
         if self.layout.marker.is_file():
@@ -264,6 +280,8 @@ class Protocol:
         with self.locked():
             self.prepare()  # under the lock: the marker of a new directory is written by one runner only
             with self._signals_handled():
+                if cluster is not None:
+                    return self._run_jobs(stages, cluster, wait)
                 if slots is None or slots.jobs == 1 and not slots.devices:
                     return self._run(stages, dry_run=False, verbose=verbose)
                 from lit_prune.protocol.executor import ParallelRun
@@ -271,6 +289,24 @@ class Protocol:
                 t_start = time.time()
                 ParallelRun(self, stages, slots, verbose).run()
                 return self.report(t_start)
+
+    def _run_jobs(self, stages: list[Stage], cluster: ClusterOptions, wait: bool) -> dict[str, Any]:
+        from lit_prune.protocol.slurm import SubmititRun
+
+        t_start = time.time()
+        try:
+            finished = SubmititRun(self, stages, cluster).run(wait=wait)
+        except Interrupted as stop:
+            name = signal.Signals(stop.signum).name
+            raise ExperimentError(f"interrupted by {name}; the submitted jobs keep running: run the same command "
+                                  "again to collect them and continue, or with --cancel to cancel them") from None
+        return self.report(t_start) if finished else {}
+
+    def cancel(self, cluster: ClusterOptions) -> list[str]:
+        """Cancel the jobs recorded in the directory that are still queued or running (their labels)."""
+        from lit_prune.protocol.slurm import cancel
+
+        return cancel(self, cluster)
 
     def _run(self, stages: list[Stage], *, dry_run: bool, verbose: bool) -> dict[str, Any]:
         t_start = time.time()

@@ -7,7 +7,8 @@ MKL_NUM_THREADS}, "args"}`` in the JSONL file ``EVENTS`` (one line per event, ap
 side), trains for ``SECONDS`` in two "epochs" (a progress line each, as ``EpochProgress`` writes them), then
 finishes as the real stage does: a prune stage copies ``ARTIFACT`` to its ``pruned.pt``, every other stage
 writes ``metrics.json``; records ``{"event": "end"}``. ``FAKE_FAIL=<kind>`` makes the stages of that kind
-exit 3 instead. SIGTERM is Python's default: the process ends at once.
+exit 3 instead; ``FAKE_GATE=<file>`` holds every stage after its start until that file exists. SIGTERM is
+Python's default: the process ends at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
     events, stage, kind, seconds, artifact = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), \
         sys.argv[5]
     record(events, stage, event="start", env={k: os.environ.get(k) for k in ENV}, args=sys.argv[6:])
+    gate = os.environ.get("FAKE_GATE")
+    while gate and not Path(gate).exists():  # held until the test opens the gate
+        time.sleep(0.05)
     for epoch in (1, 2):
         time.sleep(seconds / 2)
         print(f"epoch {epoch}/2 | train/loss 0.5 | fake", flush=True)

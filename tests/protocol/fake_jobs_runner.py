@@ -1,5 +1,6 @@
 """The protocol runner (``python -m lit_prune.rethink``) with every stage's command replaced by
-``tests/protocol/fake_job.py`` (no torch in the stages, no training), for the tests of stages side by side.
+``tests/protocol/fake_job.py`` (no torch in the stages, no training), for the tests of stages side by side
+and of cluster jobs.
 
     python tests/protocol/fake_jobs_runner.py --config EXP --out OUT --jobs 3 [...]
 
@@ -23,8 +24,10 @@ planned = plan.Planner.stages
 
 def fake_stages(self: plan.Planner) -> list[plan.Stage]:
     events = self.layout.root / "events.jsonl"
+    # the real command's arguments follow (fake_job.py records them): what the runner reads from a command
+    # (a cluster job's devices and nodes) is still there
     return [replace(st, command=[sys.executable, str(FAKE_JOB), str(events), str(st.dir), st.kind,
-                                 os.environ.get("FAKE_SECONDS", "0.4"), os.environ["FAKE_ARTIFACT"]])
+                                 os.environ.get("FAKE_SECONDS", "0.4"), os.environ["FAKE_ARTIFACT"], *st.command[3:]])
             for st in planned(self)]
 
 

@@ -150,6 +150,12 @@ def test_each_stage_needs_exactly_the_stages_whose_files_it_reads(tmp_path: Path
     predefined = load_experiment(write_experiment(tmp_path / "p.yaml", seeds=[0], regimes={"scratch_e": {}},
                                                   variants=[{"name": "A", "width_config": "A"}]))
     assert dependencies(predefined, Planner(predefined, RunLayout(tmp_path / "p")).stages())["seed 0 | A | prune"] == ()
+    # Section 5's controls copy the method's artifact: uniform and random widths need its prune stage too
+    search = load_experiment("configs/experiments/quickstart_search.yaml")
+    needs = dependencies(search, Planner(search, RunLayout(tmp_path / "s")).stages())
+    for control in ("uniform", "random"):
+        assert set(needs[f"seed 1 | {control}_ratio0.7 | prune"]) == {"seed 1 | slim_ratio0.7 | prune",
+                                                                      "seed 1 | large"}
 
 
 def test_device_slots_spread_the_jobs_and_share_the_cores() -> None:

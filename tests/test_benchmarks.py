@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,10 +13,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _common  # noqa: E402
 import callback_overhead  # noqa: E402
+import gpu_train  # noqa: E402
 import inference_speedup  # noqa: E402
 
 from callbacks import NetworkSlimming  # noqa: E402
@@ -143,3 +149,43 @@ def test_measure_model_exports_and_times_all_sides():
     shapes = res["breakdown"]["pruned"]["shapes"]
     assert sum(v["layers"] for v in shapes.values()) == 56
     assert shapes["16->6@32x32"]["layers"] == 7
+
+
+def test_gpu_train_projection_follows_its_formula():
+    ref = {"cifar_resnet56": 100, "cifar_vgg16": 300}
+    stages = [gpu_train.StageCost("r", "seed 0 | large", "cifar_resnet56", 100, 100, epochs=160, evals=161),
+              gpu_train.StageCost("r", "seed 0 | B | scratch_b", "cifar_resnet56", 50, 100, epochs=220, evals=221),
+              gpu_train.StageCost("v", "seed 0 | large", "cifar_vgg16", 300, 300, epochs=160, evals=161)]
+    measured = {"cifar_resnet56": {"fast": {"train_s": 64e-4, "eval_s": 32e-4}},
+                "cifar_vgg16": {"fast": {"train_s": 128e-4, "eval_s": 64e-4}, "classic": {"train_s": 1, "eval_s": 1}}}
+    out = gpu_train.project(measured, {"fast": 2.0}, 64, stages, ref)
+    assert set(out) == {"fast"}  # classic was not measured on both models
+    # per image: ResNet-56 1e-4 s training, 5e-5 s evaluation; VGG-16 twice that
+    large56 = 160 * 50_000 * 1e-4 + 161 * 10_000 * 5e-5
+    pruned56 = (220 * 50_000 * 1e-4 + 221 * 10_000 * 5e-5) * 50 / 100
+    vgg = 160 * 50_000 * 2e-4 + 161 * 10_000 * 1e-4
+    row = out["fast"]
+    assert row["resnet56_160_epochs_s"] == pytest.approx(160 * (50_000 * 1e-4 + 10_000 * 5e-5))
+    assert row["sequential"]["table1_gpu_hours_low"] == pytest.approx((large56 + pruned56 + vgg) / 3600)
+    assert row["sequential"]["table1_gpu_hours_high"] == pytest.approx((large56 + 2 * pruned56 + vgg) / 3600)
+    assert row["concurrent"]["table1_gpu_hours_low"] == pytest.approx(row["sequential"]["table1_gpu_hours_low"] / 2)
+    assert gpu_train.resnet56_epochs(stages, ref) == pytest.approx(160 + 110 + 480)
+
+
+@pytest.mark.slow
+def test_gpu_train_smoke_runs_every_piece_on_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_train.py"), "--smoke", "--json"],
+                          capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("\n{\n") + 1:])
+    for model in gpu_train.MODELS:
+        assert set(result["per_step"][model]) == set(gpu_train.VARIANTS)
+        assert all(m["train_s"] > 0 and m["eval_s"] > 0 for m in result["per_step"][model].values())
+        assert set(result["concurrent"][model]) == {"1", "2"}
+    # Table 1: 5 seeds x (VGG-16: large + A's test, fine-tune, Scratch-E, Scratch-B; ResNet-56 and -110: large +
+    # the same four for A and B); Scratch-B's epochs as the paper's (docs/paper-settings.md §1.3)
+    assert result["table1"]["stages"] == 5 * (5 + 9 + 9)
+    assert result["table1"]["scratch_b_epochs"]["l1_vgg16 A"] == 243
+    assert result["table1"]["scratch_b_epochs"]["l1_resnet56 B"] == 220
+    assert set(result["projection"]) == set(gpu_train.VARIANTS)
+    assert "projection: per image" in proc.stdout

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lit_prune.protocol import config as config_module
-from lit_prune.protocol.config import ExperimentError, load_experiment
+from lit_prune.protocol.config import ExperimentError, load_experiments
 from lit_prune.protocol.executor import Slots
 from lit_prune.protocol.run import Protocol
 from lit_prune.protocol.slurm import DEFAULT_TIME, ClusterOptions
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="experiment directory (default: the config's 'out', or runs/rethink/NAME)")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command and epochs, run nothing")
     parser.add_argument("--verbose", action="store_true", help="stream every stage's output instead of logging it")
+    parser.add_argument("--select", action="append", default=[], metavar="AXIS=VALUE",
+                        help="of a sweep file's experiments, run those with this value (repeatable); default: all")
     side = parser.add_argument_group("stages side by side (lit_prune/protocol/executor.py)")
     side.add_argument("--jobs", type=int, metavar="N",
                       help="run up to N independent stages at once (seeds' chains, the regimes of one artifact); "
@@ -80,14 +82,20 @@ def main(argv: list[str] | None = None) -> int:
                                      args.jobs)
         elif args.no_wait:
             raise ExperimentError("--no-wait is for --executor slurm (local stages end with their runner)")
-        config = load_experiment(args.config)
-        out = Path(args.out or config.out or Path("runs") / "rethink" / config.name)
-        protocol = Protocol(config, out)
-        if args.cancel:
-            protocol.cancel(cluster)
-        else:
-            protocol.run(dry_run=args.dry_run, verbose=args.verbose, slots=slots, cluster=cluster,
-                         wait=not args.no_wait)
+        select = dict(s.split("=", 1) for s in args.select if "=" in s)
+        if len(select) != len(args.select):
+            raise ExperimentError(f"--select takes AXIS=VALUE, got {args.select}")
+        configs = load_experiments(args.config, select)  # a sweep file: one experiment per point, in turn
+        for config in configs:
+            out = Path(args.out or config.out or Path("runs") / "rethink" / config.name)
+            if args.out and len(configs) > 1:
+                out = out / config.name
+            protocol = Protocol(config, out)
+            if args.cancel:
+                protocol.cancel(cluster)
+            else:
+                protocol.run(dry_run=args.dry_run, verbose=args.verbose, slots=slots, cluster=cluster,
+                             wait=not args.no_wait)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -424,7 +424,7 @@ def load_experiments(path: str | Path, select: Mapping[str, str] | None = None) 
         raise ExperimentError(f"{path}: --select names unknown axes {sorted(unknown)}; the sweep's: {list(points[0])}")
     chosen = [p for p in points if all(_label(p[a]) == str(want) for a, want in (select or {}).items())]
     if not chosen:
-        values = {a: [_label(p[a]) for p in points] for a in points[0]}
+        values = {a: list(dict.fromkeys(_label(p[a]) for p in points)) for a in points[0]}
         raise ExperimentError(f"{path}: no point of the sweep has {dict(select or {})}; the axes' values: {values}")
     configs = []
     for point in chosen:

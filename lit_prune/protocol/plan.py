@@ -159,7 +159,8 @@ class Planner:
         extra = [f"--method-args={json.dumps(dict(v.method_args), sort_keys=True)}"] if v.method_args else []
         # data-driven methods (ThiNet, channel pruning) sample the base config's training data
         return replace(st, command=[self.python, "-m", "lit_prune.prune", *self._source(seed, v),
-                                    f"--config={v.method}", *extra, f"--data-config={self.config.base}", f"--out={artifact}",
+                                    f"--config={v.method}", *extra, f"--data-config={self.config.base}",
+                                    f"--out={artifact}",
                                     f"--log-dir={self.layout.tb_run(seed, v.name, PRUNE)}"])
 
     def _search_command(self, seed: int, v: VariantConfig, artifact: Path) -> list[str]:

@@ -118,3 +118,17 @@ def test_a_swept_prune_ratio_reaches_the_method(tmp_path: Path) -> None:
     method = load_method(METHOD, json.loads(args[1].split("=", 1)[1]))
     assert method.pruner.widths.prune_ratio == 0.5
     assert load_method(METHOD).pruner.widths.prune_ratio == 0.3  # the file itself is left alone
+
+
+def test_rethink_runs_every_experiment_of_a_sweep_file_or_the_selected_ones(monkeypatch, capsys, tmp_path) -> None:
+    from lit_prune.protocol.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["--config", "configs/experiments/lottery_l1_vgg16.yaml", "--dry-run", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("seed 0 | large") == 2 and f"{tmp_path}/lottery_l1_vgg16_a_lr0.1/seed0" in printed
+    assert main(["--config", "configs/experiments/lottery_l1_vgg16.yaml", "--select", "lr=0.1", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("seed 0 | large") == 1 and "runs/rethink/lottery_l1_vgg16_a_lr0.1/seed0" in printed
+    assert main(["--config", "configs/experiments/lottery_l1_vgg16.yaml", "--select", "lr=0.5", "--dry-run"]) == 2
+    assert "the axes' values: {'lr': ['0.01', '0.1']}" in capsys.readouterr().err

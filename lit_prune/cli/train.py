@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from jsonargparse import DefaultHelpFormatter
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 import lit_prune.callbacks  # noqa: F401  imported so that --help lists our callbacks and datamodules as choices
@@ -60,6 +65,64 @@ class LRMonitor(LearningRateMonitor):
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
+_UNION_OPTION = re.compile(r'Parser key "(?P<key>[^"]+)":.*?class_path \'(?P<cls>[^\']+)\':'
+                           r'\s*Option \'(?P<opt>[^\']+)\' is not accepted', re.S)
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (?P<args>.*)")
+_NOT_ACCEPTED = re.compile(r"does not accept option '(?P<key>[^']+)'")
+
+
+def _init_params(class_path: str) -> list[str]:
+    """The constructor arguments of ``class_path`` (empty when it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+
+
+def plain_error(message: str, options: list[str]) -> str:
+    """jsonargparse's message for a misspelt option, said in one line with the closest correct spelling.
+
+    A misspelt argument of a class given by ``class_path`` (``--data.rot``, or ``rot:`` under ``data.init_args``
+    in a YAML file) is reported as a dump of every Union alternative that failed; an unknown top-level
+    option names no alternative. ``options`` are the parser's option strings.
+    """
+    m = _UNION_OPTION.search(message)
+    if m:
+        key, cls, opt = m["key"], m["cls"], m["opt"]
+        params = _init_params(cls)
+        close = difflib.get_close_matches(opt, params, n=1, cutoff=0.8)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        known = f" Its options: {', '.join(params)}." if params else ""
+        return f"--{key}.{opt}: {cls} has no option '{opt}'{hint}{known}"
+    m = _NOT_ACCEPTED.search(message)  # a misspelt key in a YAML file
+    if m:
+        close = difflib.get_close_matches(f"--{m['key']}", options, n=1, cutoff=0.8)
+        return message + (f"; did you mean '{close[0].removeprefix('--')}'?" if close else "")
+    m = _UNRECOGNIZED.match(message)
+    if m:
+        flags = [a.split("=", 1)[0] for a in m["args"].split() if a.startswith("--")]
+        close = {f: difflib.get_close_matches(f, options, n=1, cutoff=0.8) for f in flags}
+        hints = [f"'{f}': did you mean '{c[0]}'?" for f, c in close.items() if c]
+        return message + (f" ({'; '.join(hints)})" if hints else "")
+    return message
+
+
+class LitPruneParser(LightningArgumentParser):
+    """Lightning's parser, with misspelt options reported in one line with the closest correct spelling,
+    after the first line of the usage instead of all of it (60 lines for ``fit``)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        options = [o for a in parser._actions for o in a.option_strings]
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {plain_error(message, options)}\n(all options: {prog} --help)\n")
+        self.exit(2)
+
+
 class LitPruneCLI(LightningCLI):
     """LightningCLI with the standard callbacks kept out of ``trainer.callbacks``.
 
@@ -78,6 +141,19 @@ class LitPruneCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
 
+    def _parse_ckpt_path(self) -> None:
+        from lit_prune.cli.resume import check_same_model, resolve_last
+
+        section = self.config.get(self.config.get("subcommand") or "", None)
+        path = section.get("ckpt_path") if section is not None else None
+        if path == "last" and self.config.get("subcommand") == "fit":
+            resolve_last(section)
+            path = section["ckpt_path"]
+        if path and Path(path).is_file():
+            check_same_model(path, section.get("model"))
+        super()._parse_ckpt_path()
+
+
 def main(args: list[str] | None = None) -> LitPruneCLI:
     return LitPruneCLI(
         ImageClassifier,
@@ -86,6 +162,7 @@ def main(args: list[str] | None = None) -> LitPruneCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"formatter_class": HelpFormatter},
+        parser_class=LitPruneParser,
     )
 
 

@@ -15,6 +15,8 @@ back; a killed stage restarts from its last checkpoint. An experiment directory 
     layout.py   RunLayout: every path of an experiment directory
     plan.py     Stage, Planner: the stages, their commands and epochs, Scratch-B's budget
     run.py      Protocol: sequential execution, resume, the directory's config check
+    executor.py stages side by side (--jobs, --devices): dependencies, device slots, the scheduler
+    slurm.py    stages as cluster jobs (--executor slurm, through submitit), jobs.json, --cancel
     report.py   collect, results.md / results.json / results.png
     cli.py      python -m lit_prune.rethink (also python -m lit_prune.protocol)
     stage.py    one stage, python -m lit_prune.stage (imports Lightning; nothing here imports it)

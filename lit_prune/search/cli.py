@@ -113,6 +113,7 @@ def _guided(args: argparse.Namespace):
     from lit_prune.models import architecture, create_model
     from lit_prune.protocol.layout import RunLayout
     from lit_prune.search.guided import guided_from
+    from lit_prune.search.uniform import shapes_device
 
     if bool(args.of) == bool(args.from_dir):
         raise ValueError("give --of ARTIFACT (repeatable) or --from-dir DIR with --from-variant NAME")
@@ -127,8 +128,9 @@ def _guided(args: argparse.Namespace):
         art = load_artifact(path)
         dense_path = RunLayout.large_model_of(path)
         if dense_path is not None and dense_path.is_file():
-            with torch.device("meta"):
-                dense = build_model(load_artifact(dense_path), weights=False)
+            large_art = load_artifact(dense_path)
+            with torch.device(shapes_device(lambda a=large_art: build_model(a, weights=False))):
+                dense = build_model(large_art, weights=False)
         elif not args.from_dir:  # this experiment's artifact: pruned from the given model
             dense = large
         else:

@@ -27,6 +27,7 @@ from lit_prune.methods.plan import WidthPlan
 from lit_prune.methods.state import Counts
 from lit_prune.models import architecture, create_model
 from lit_prune.search.stages import group_stages, output_sizes, stage_index
+from lit_prune.search.uniform import shapes_device
 
 StageRatios = list[float]  # kept ratio per stage, stage 0 the largest feature map
 #: ``{stage: {kernel "3x3": [[sparsity per position]]}}``
@@ -67,7 +68,7 @@ def guided_architecture(target: nn.Module, ratios: StageRatios, input_size: Sequ
     """
     size = tuple(input_size or _input_size(target))
     shape = architecture(target)
-    with torch.device("meta"):
+    with torch.device(shapes_device(lambda: create_model(shape["name"], **shape["kwargs"]))):
         skeleton = create_model(shape["name"], **shape["kwargs"])
     groups = channel_groups(skeleton)
     stages = group_stages(skeleton, groups, size)
@@ -178,5 +179,5 @@ def guided_from(arts: Sequence[tuple[Artifact, nn.Module]], target: nn.Module, s
 
 
 def _skeleton(art: Artifact) -> nn.Module:
-    with torch.device("meta"):
+    with torch.device(shapes_device(lambda: build_model(art, weights=False))):
         return build_model(art, weights=False)

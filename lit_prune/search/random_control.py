@@ -19,11 +19,12 @@ from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.surgery import prune_groups
 from lit_prune.models import architecture
+from lit_prune.search.uniform import shapes_device
 
 
 def kept_counts(art: Artifact) -> dict[str, int]:
     """``{group name: channels}`` of an artifact's architecture (a group its model lacks: none kept)."""
-    with torch.device("meta"):
+    with torch.device(shapes_device(lambda: build_model(art, weights=False))):
         model = build_model(art, weights=False)
     return {g.name: group_size(model, g) for g in channel_groups(model)}
 
@@ -68,10 +69,12 @@ def random_control(large: nn.Module, art: Artifact, seed: int) -> Artifact:
         apply_masks(model, masks)
         return make_artifact(model, method=f"random:{art.provenance.method}", dense=art.flops.dense, masks=masks,
                              settings={**settings, "selection": "random weights, the method's per-tensor counts"})
-    prune_groups(model, random_keeps(model, kept_counts(art), seed))
-    got, want = architecture(model)["kwargs"], art.architecture.kwargs
-    if {k: got.get(k) for k in want} != dict(want):
-        raise ValueError(f"the random control's architecture {got} is not the method's {dict(want)}: is the large "
-                         "model the one the artifact was pruned from?")
+    want = kept_counts(art)
+    prune_groups(model, random_keeps(model, want, seed))
+    got = {g.name: group_size(model, g) for g in channel_groups(model)}  # widths (which channels may differ)
+    if got != want:
+        diff = {k: (got.get(k), want.get(k)) for k in {*got, *want} if got.get(k) != want.get(k)}
+        raise ValueError(f"the random control's widths differ from the method's at {diff} (control, method): is "
+                         f"the large model ({architecture(model)['name']}) the one the artifact was pruned from?")
     return make_artifact(model, method=f"random:{art.provenance.method}", dense=art.flops.dense,
                          settings={**settings, "selection": "random channels, the method's widths"})

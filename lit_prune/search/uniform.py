@@ -63,6 +63,19 @@ def prunable_groups(model: nn.Module, method: Any = None) -> list[ChannelGroup]:
     return [g for g in groups if not matches_any(g.name, skip)]
 
 
+def shapes_device(build: Callable[[], nn.Module]) -> str:
+    """``"meta"`` where ``build()`` works there (shapes only, no memory), else ``"cpu"`` (a model that checks its
+    channel-selection indices against their values, which meta tensors do not have)."""
+    try:
+        with torch.device("meta"):
+            model = build()
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *getattr(model, "input_size", (3, 32, 32))))
+        return "meta"
+    except (RuntimeError, NotImplementedError):
+        return "cpu"
+
+
 def _first(size: int, k: int) -> torch.Tensor:
     return torch.arange(size) < k
 
@@ -89,7 +102,8 @@ def uniform_widths(large: nn.Module, target_art: Artifact, match: str = "params"
         raise ValueError(f"match must be one of {', '.join(MATCHES)}, got {match!r}")
     size = target_art.input_size or tuple(getattr(large, "input_size", (3, 32, 32)))
     arch = Architecture.of(large)
-    with torch.device("meta"):  # shapes are all the search needs
+    device = shapes_device(arch.build)
+    with torch.device(device):  # shapes are all the search needs
         skeleton = arch.build()
     groups = prunable_groups(skeleton, method)
     if not groups:
@@ -100,7 +114,7 @@ def uniform_widths(large: nn.Module, target_art: Artifact, match: str = "params"
         counts = WidthPlan(prune_ratio=min(1.0 - m, 1.0 - 1e-12), floor=1).counts(skeleton, groups)
         return {g.name: _first(group_size(skeleton, g), counts[g.name]) for g in groups}
 
-    def narrowed(m: float, device: str = "meta") -> nn.Module:
+    def narrowed(m: float) -> nn.Module:
         with torch.device(device):
             model = arch.build()
         prune_groups(model, keeps(m))

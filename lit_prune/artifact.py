@@ -290,7 +290,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Lightning's ``model.`` prefix and DataParallel's ``module.`` prefixes are removed.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from lit_prune.io import load_torch
+
+    state = load_torch(path, "weights file")
     if isinstance(state, dict) and state.get("format") == FORMAT:
         raise ValueError(f"{path} is a pruned artifact; load it with build_model/load_model")
     if isinstance(state, dict) and "state_dict" in state:

@@ -10,7 +10,9 @@ The library behind ``python -m lit_prune.prune`` (:mod:`lit_prune.cli.prune`); u
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,15 @@ def _instantiate(entry: dict[str, Any]) -> Any:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"cannot import {class_path!r}: {err}") from None
-    return cls(**(entry.get("init_args") or {}))
+    args = entry.get("init_args") or {}
+    known = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    unknown = [k for k in args if k not in known]
+    if unknown and not accepts_any:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, known, n=1)) else "")
+                 for k in unknown]
+        raise ValueError(f"{class_path} has no argument {', '.join(hints)}; its arguments: {', '.join(known)}")
+    return cls(**args)
 
 
 def load_method(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
@@ -103,16 +113,30 @@ def load_datamodule(path: str | Path) -> Any:
 
 def _read_checkpoint(path: str) -> Any:
     """``torch.load(path, weights_only=True)``, with errors that name the file and say what is wrong with it."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}" + (" (a directory)" if p.is_dir() else ""))
-    if p.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes): a run killed while writing it? Use an earlier checkpoint")
+    from lit_prune.io import load_torch
+
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or holding code that weights_only refuses
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); "
-                         "give a Lightning checkpoint or a pruned artifact") from err
+        return load_torch(path)
+    except ValueError as err:
+        if "is not a readable" not in str(err):
+            raise
+        raise ValueError(f"{err}; give a Lightning checkpoint or a pruned artifact") from err.__cause__
+
+
+def _mismatch(err: RuntimeError) -> str:
+    """``load_state_dict``'s error in one line: how many keys are missing or unexpected, the first few named."""
+    import re
+
+    parts = []
+    for kind in ("Missing", "Unexpected"):
+        m = re.search(rf"{kind} key\(s\) in state_dict: (.*)", str(err))
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {kind.lower()} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    shapes = re.findall(r"size mismatch for ([^:]+):", str(err))
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches ({', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''})")
+    return "; ".join(parts) or str(err)
 
 
 def load_source(
@@ -138,7 +162,7 @@ def load_source(
     try:
         model.load_state_dict(read_weights(weights))
     except RuntimeError as err:
-        raise ValueError(f"{weights} does not match {arch}: {err}") from None
+        raise ValueError(f"{weights} does not match {arch}: {_mismatch(err)}") from None
     return model, None
 
 

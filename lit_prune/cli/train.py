@@ -167,7 +167,7 @@ def main(args: list[str] | None = None) -> LitPruneCLI:
 
 
 #: the toolkit's own errors: each says what is wrong and what to do, so the traceback only hides the message
-CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, KeyError)
 
 
 def run(args: list[str] | None = None) -> int:
@@ -180,6 +180,7 @@ def run(args: list[str] | None = None) -> int:
     except CLEAR_ERRORS as err:
         if os.environ.get("LIT_PRUNE_TRACEBACK"):
             raise
-        print(f"error: {err}\n(LIT_PRUNE_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        print(f"error: {message}\n(LIT_PRUNE_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
     return 0

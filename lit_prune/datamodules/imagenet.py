@@ -157,7 +157,14 @@ class ImageNetDataModule(ImageClassificationDataModule):
             )
         if split == "val":
             self._check_same_classes()
-        dataset = ImageFolder(folder, transform=transform)
+        try:
+            dataset = ImageFolder(folder, transform=transform)
+        except FileNotFoundError as err:  # torchvision names the empty classes, not where they are
+            empty = [c for c in _class_folders(folder) if not any(os.scandir(os.path.join(folder, c)))][:5]
+            where = f"empty class folders in {folder}: {empty} (first 5)" if empty else f"in {folder}: {err}"
+            raise FileNotFoundError(f"ImageNet {split} split has {where}; every class folder needs at least one "
+                                    "image (.JPEG, .png, ...): add its images or remove the folder from both "
+                                    "train/ and val/") from None
         if len(dataset.classes) > self.num_classes:
             raise ValueError(
                 f"{folder} has {len(dataset.classes)} class folders but num_classes={self.num_classes}: "

@@ -87,6 +87,16 @@ def test_train_and_val_classes_must_match(tmp_path):
         dm.setup("validate")
 
 
+def test_an_empty_class_folder_is_named(tmp_path):
+    write_image_folder(tmp_path, per_class=1)
+    for f in (tmp_path / "train" / CLASSES[1]).iterdir():
+        f.unlink()
+    dm = ImageNetDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("fit")
+    assert f"empty class folders in {tmp_path / 'train'}: ['{CLASSES[1]}']" in str(err.value)
+
+
 def test_invalid_sizes(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         ImageNetDataModule(str(tmp_path), batch_size=2, image_size=256, resize_size=224)

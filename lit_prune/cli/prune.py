@@ -4,6 +4,12 @@
         --out runs/resnet56_b.pt
     python -m lit_prune.prune --arch resnet34 --weights resnet34-torchvision.pth \\
         --config configs/methods/l1_resnet34_a.yaml --out resnet34_a.pt
+    python -m lit_prune.prune --arch timm:efficientnet_b0 --weights w.pth --config l1.yaml --out effnet.pt
+
+``--arch`` is a zoo name, or a torchvision or timm model (``torchvision:resnet50``, ``timm:efficientnet_b0``:
+built with random weights, never downloaded, then ``--weights`` loaded into it). FLOPs are counted at
+``--input-size``, else the ``--data-config`` datamodule's, else the model's own (224x224 for torchvision's
+ImageNet models, timm's ``pretrained_cfg``).
 
 ``--config`` names the method the way a ``trainer.callbacks`` entry does (``class_path`` and
 ``init_args``); a full training config is accepted too, and its pruning callback is used.
@@ -45,7 +51,8 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lit_prune.prune", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="Lightning checkpoint (or artifact) of the large model")
-    parser.add_argument("--arch", help="zoo model name, with --weights or --width-config")
+    parser.add_argument("--arch", help="zoo model name (with --weights or --width-config), or torchvision:<name> / "
+                        "timm:<name> (with --weights)")
     parser.add_argument("--weights", help="plain state dict (torchvision format) for --arch")
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--config", help="YAML naming the method (class_path, init_args)")
@@ -55,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                         "artifact (fresh init, for Scratch-E/B), instead of pruning with --config")
     parser.add_argument("--data-config", help="YAML naming the datamodule (class_path, init_args; or a training "
                         "config with data:) whose training images data-driven methods (ThiNet, channel pruning) use")
+    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                        help="count FLOPs at this input size (default: the --data-config datamodule's, else the "
+                        "model's own)")
     parser.add_argument("--out", required=True, help="artifact path to write")
     parser.add_argument("--log-dir", help="write the pruning's TensorBoard run here (FLOPs and parameters before "
                         "and after, per-layer widths or sparsity); the runner uses <out>/tb/seed<N>/<variant>/prune")
@@ -106,15 +116,17 @@ def _prune(args: argparse.Namespace) -> Artifact:
         raise ValueError(f"{type(method).__name__} samples training images: give --data-config naming the "
                          "datamodule (a training config works)")
     model, init_state = load_source(args.checkpoint, args.arch, args.weights, args.num_classes)
-    dataloader = None
+    dataloader, size = None, tuple(args.input_size) if args.input_size else None
     if method.needs_data:
-        dataloader = load_datamodule(args.data_config).train_dataloader()
+        datamodule = load_datamodule(args.data_config)
+        dataloader, size = datamodule.train_dataloader(), size or getattr(datamodule, "input_size", None)
     elif args.data_config is not None:
         log.info("%s uses no data: --data-config is ignored", type(method).__name__)
     trainer = _logging_trainer(args.log_dir) if args.log_dir else None
     # an absolute path: with a trainer, a relative one would be resolved against its log directory
     return method.prune(model.eval(), trainer=trainer, path=str(Path(args.out).resolve()),
-                        source=args.checkpoint or args.weights, init_state=init_state, dataloader=dataloader)
+                        source=args.checkpoint or args.weights, init_state=init_state, dataloader=dataloader,
+                        input_size=size)
 
 
 def _logging_trainer(log_dir: str):

@@ -14,6 +14,7 @@ from lit_prune.models import (  # noqa: F401  (registers the families)
     vgg,
 )
 from lit_prune.models.base import ChannelSelection, ZooModel
+from lit_prune.models.external import rebuildable
 from lit_prune.models.registry import (
     architecture,
     create_model,
@@ -34,6 +35,7 @@ __all__ = [
     "get_width_config_kwargs",
     "list_models",
     "list_width_configs",
+    "rebuildable",
     "register_model",
     "register_width_config",
 ]

@@ -103,7 +103,17 @@ def create_model(name: str, *, cfg: Any = None, **kwargs: Any) -> nn.Module:
         The model. Zoo models remember ``name`` and ``kwargs`` (``zoo_name``, ``zoo_kwargs``: with their
         ``arch_kwargs`` they implement :class:`lit_prune.core.protocols.ZooModel`) so that
         :func:`architecture` can describe them after surgery.
+
+    ``torchvision:<name>`` and ``timm:<name>`` build those libraries' models with random weights
+    (:func:`lit_prune.models.external.create_external`; ``cfg`` does not apply): they are not zoo models, but
+    they remember their builder, so a pruned one is written as an artifact and rebuilt from it.
     """
+    if ":" in name:
+        from lit_prune.models.external import create_external
+
+        if cfg is not None:
+            raise ValueError(f"{name} takes no width config (cfg is for zoo models); prune it instead")
+        return create_external(name, **kwargs)
     _check_name(name)
     if isinstance(cfg, str):
         named = get_width_config_kwargs(name, cfg)
@@ -132,4 +142,5 @@ def _check_name(name: str) -> None:
     if name not in _MODELS:
         close = [n for n in _MODELS if name.lower() in n or n in name.lower()]
         hint = f" Did you mean {', '.join(close)}?" if close else " See `python -m lit_prune.flops --list`."
-        raise KeyError(f"unknown model {name!r}.{hint}")
+        raise KeyError(f"unknown model {name!r}.{hint} torchvision and timm models are named "
+                       "torchvision:<name> / timm:<name> (e.g. torchvision:resnet18, timm:efficientnet_b0)")

@@ -8,6 +8,9 @@ it; no code is ever unpickled), written atomically (temporary file + rename), wi
     {
       "format": "lit-prune-artifact", "version": 1,
       "architecture": {"name": "cifar_resnet56", "kwargs": {"cfg": [...], "num_classes": 10}},
+                                                # or, outside the zoo: {"name": "torchvision:resnet50",
+                                                #   "kwargs": {...}, "edits": [{"path", "kind", "dim", "size",
+                                                #   "keep": LongTensor}, ...]}
       "input_size": [3, 32, 32],
       "state_dict": {...},                      # weights of the pruned model
       "masks": {"param name": bool tensor},     # masked methods only (unstructured, SFP, lottery)
@@ -20,13 +23,21 @@ Load it without Lightning in two lines::
 
     from lit_prune.artifact import load_model
     model = load_model("pruned.pt")
+
+Models outside the zoo (a torchvision or timm network, or a researcher's own) are recorded as the builder that
+made them and the cuts surgery made (:func:`lit_prune.core.surgery.edits_of`: per tensor, the indices kept);
+loading builds a fresh one and replays the cuts through the same surgery code (:func:`replay_edits`). A file
+never makes lit-prune import anything: only zoo names, ``torchvision:<name>`` (``torchvision.models``) and
+``timm:<name>`` (``timm.create_model``) are built by name; a ``user:<module>.<name>`` builder is passed in by
+the caller, ``load_model(path, builder=make_net)``, and refused otherwise. Version-1 files of zoo models
+carry no ``edits`` and read as before.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +48,12 @@ from torch import nn
 from lit_prune import __version__
 from lit_prune.core.flops import count_flops, macs_ratio
 from lit_prune.core.masks import apply_masks
+from lit_prune.core.protocols import is_zoo_model
+from lit_prune.core.surgery import edits_of, replay_edits
 from lit_prune.io import atomic_save
 from lit_prune.methods.state import Counts, cpu_copy
 from lit_prune.models import architecture, create_model
+from lit_prune.models.external import BUILDER_FN_ATTR, build_recorded, builder_of
 
 FORMAT = "lit-prune-artifact"
 VERSION = 1
@@ -53,24 +67,71 @@ def _section(d: Any, key: str, where: str, part: str = "it") -> Any:
     return d[key]
 
 
+_NOT_REBUILDABLE = (
+    "build it with lit_prune.models.create_model('torchvision:<name>' or 'timm:<name>', **its arguments), or "
+    "with lit_prune.models.rebuildable(your_builder, **its arguments) (then load_model(path, builder=your_builder)); "
+    "or give the pruning callback artifact_path: null to prune it in place without an artifact")
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """A zoo model's name and builder arguments: ``create_model(name, **kwargs)`` rebuilds its shapes."""
+    """How to build a model's shapes: a zoo model's name and arguments, or a builder's and the surgery's edits.
+
+    Attributes:
+        name: a zoo name (``create_model(name, **kwargs)``), ``torchvision:<name>``, ``timm:<name>``, or
+            ``user:<module>.<name>`` (a caller's builder, never imported from the file).
+        kwargs: the builder's keyword arguments (plain data).
+        edits: for a model outside the zoo, the cuts to replay on the fresh model (:func:`edits_of`).
+    """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    edits: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module) -> Architecture:
-        """The architecture of a zoo model (``TypeError`` for a model outside the zoo)."""
-        return cls.from_dict(architecture(model))
+        """The architecture of ``model``: a zoo model's data, or the builder of any other and its edits.
 
-    def build(self) -> nn.Module:
-        """A freshly initialised model of this architecture."""
-        return create_model(self.name, **self.kwargs)
+        Raises:
+            ValueError: a model outside the zoo whose builder is unknown, or whose recorded builder and edits
+                do not rebuild its shapes; the message says how to build it so that they do.
+        """
+        if is_zoo_model(model):
+            return cls.from_dict(architecture(model))
+        edits = tuple(edits_of(model))
+        want = _shapes(model)
+        tried = []
+        for guess in builder_of(model):
+            arch = cls(name=guess["name"], kwargs=guess["kwargs"], edits=edits)
+            try:
+                got = _shapes_of_rebuilt(arch, getattr(model, BUILDER_FN_ATTR, None), want)
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                tried.append(f"{arch.name} ({type(err).__name__}: {str(err)[:120]})")
+                continue
+            if got == want:
+                return arch
+            tried.append(f"{arch.name}({_call(arch.kwargs)}) has other " + ("shapes" if got else "layers"))
+        what = f"tried {'; '.join(tried[:4])}" if tried else "it records no builder and is no torchvision/timm model"
+        raise ValueError(f"{type(model).__name__} cannot be written as a pruned artifact: lit-prune cannot rebuild "
+                         f"it from a file ({what}). To fix it, {_NOT_REBUILDABLE}")
+
+    def build(self, builder: Callable[..., nn.Module] | None = None) -> nn.Module:
+        """A freshly built model of this architecture (a builder's model with the edits replayed on it).
+
+        Args:
+            builder: the caller's builder, called as ``builder(**kwargs)``; needed for a ``user:`` name.
+        """
+        if ":" not in self.name:  # a zoo model
+            return create_model(self.name, **self.kwargs)
+        model = build_recorded(self.name, self.kwargs, builder)
+        replay_edits(model, self.edits)
+        return model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": dict(self.kwargs)}
+        d: dict[str, Any] = {"name": self.name, "kwargs": dict(self.kwargs)}
+        if self.edits:
+            d["edits"] = [dict(e) for e in self.edits]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "the artifact") -> Architecture:
@@ -78,7 +139,35 @@ class Architecture:
         if not isinstance(name, str) or not isinstance(kwargs, Mapping):
             raise ValueError(f"{where} is a malformed lit-prune artifact: its architecture is not a model name "
                              "with keyword arguments")
-        return cls(name=name, kwargs=dict(kwargs))
+        edits = d.get("edits") or []
+        if not isinstance(edits, (list, tuple)) or not all(isinstance(e, Mapping) for e in edits):
+            raise ValueError(f"{where} is a malformed lit-prune artifact: its architecture's edits are not a list")
+        return cls(name=name, kwargs=dict(kwargs), edits=tuple(dict(e) for e in edits))
+
+
+def _call(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _shapes_of_rebuilt(arch: Architecture, builder: Callable[..., nn.Module] | None,
+                       want: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes ``arch`` rebuilds (empty when the fresh model has other tensors than ``want``: the
+    edits keep names), built on the meta device (no memory, no init cost) where the builder works there."""
+    device = "meta"
+    try:
+        with torch.device(device):
+            fresh = build_recorded(arch.name, arch.kwargs, builder)
+    except (RuntimeError, NotImplementedError):  # a builder that computes with its tensors (.item() on meta)
+        device = "cpu"
+        fresh = build_recorded(arch.name, arch.kwargs, builder)
+    if fresh.state_dict().keys() != want.keys():
+        return {}
+    replay_edits(fresh, arch.edits)  # its index tensors stay on the CPU; the cut tensors on the model's device
+    return _shapes(fresh)
 
 
 @dataclass(frozen=True)
@@ -194,15 +283,17 @@ class Artifact:
         )
 
 
-def flops_summary(model: nn.Module, dense: Counts | None = None, *, masked: bool = False) -> FlopsSummary:
+def flops_summary(model: nn.Module, dense: Counts | None = None, *, masked: bool = False,
+                  input_size: tuple[int, ...] | None = None) -> FlopsSummary:
     """The dense and pruned counts of a pruned (or masked) ``model``: the one place that counts them.
 
     One rule: the pruned model counts only its non-zero weights when it is ``masked`` (its masks say which
     weights are gone); a physically pruned model counts every weight it has, so a weight that happens to be
     exactly zero (a dead filter) does not change its FLOPs. ``dense`` is the large model's counts (None: the
-    model itself, ratio 1). The ratio ``dense MACs / pruned MACs`` is Scratch-B's.
+    model itself, ratio 1). The ratio ``dense MACs / pruned MACs`` is Scratch-B's. ``input_size`` (C, H, W) is
+    the data's, the size ``dense`` was counted at (default: the model's own ``input_size``, else 32x32).
     """
-    pruned = Counts.of(model, nonzero=masked)
+    pruned = Counts.of(model, nonzero=masked, input_size=input_size)
     return FlopsSummary(dense=dense if dense is not None else pruned, pruned=pruned)
 
 
@@ -215,8 +306,9 @@ def make_artifact(
     dense: Counts | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     init_state: Mapping[str, torch.Tensor] | None = None,
+    input_size: tuple[int, ...] | None = None,
 ) -> Artifact:
-    """Describe a pruned (or masked) zoo model as an :class:`Artifact`.
+    """Describe a pruned (or masked) model as an :class:`Artifact`.
 
     Args:
         model: the pruned model (physically smaller, or full size with ``masks``).
@@ -226,13 +318,18 @@ def make_artifact(
         dense: the large model's counts; needed for Scratch-B's ratio.
         masks: parameter masks the next stage must keep enforcing.
         init_state: theta_0 of a lottery-ticket run.
+        input_size: (C, H, W) of the data, which the counts are taken at (and ``dense`` was); default the
+            model's own ``input_size``, else 32x32.
+
+    Raises:
+        ValueError: a model outside the zoo that cannot be rebuilt from a file (see :meth:`Architecture.of`).
     """
     return Artifact(
         architecture=Architecture.of(model),
-        input_size=tuple(count_flops(model).input_size),
+        input_size=tuple(count_flops(model, input_size).input_size),
         state_dict=cpu_copy(model.state_dict()),
         masks={k: v.detach().cpu().bool() for k, v in (masks or {}).items()},
-        flops=flops_summary(model, dense, masked=bool(masks)),
+        flops=flops_summary(model, dense, masked=bool(masks), input_size=input_size),
         provenance=Provenance(method=method, settings=dict(settings or {}), source=source,
                               created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), lit_prune_version=__version__),
         init_state=cpu_copy(init_state) if init_state is not None else None,
@@ -262,11 +359,34 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     return Artifact.from_dict(raw, where=str(path))
 
 
-def build_model(art: Artifact, *, weights: bool = True) -> nn.Module:
-    """The artifact's model, with its weights (and masks applied) unless ``weights=False``."""
-    model = art.architecture.build()
+def build_model(
+    art: Artifact, *, weights: bool = True, builder: Callable[..., nn.Module] | None = None,
+    init: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """The artifact's model, with its weights (and masks applied) unless ``weights=False``.
+
+    Args:
+        art: the artifact.
+        weights: load its weights; False gives a fresh initialisation of the pruned shapes (the scratch
+            regimes): a zoo model's family scheme, any other model its layers' own ``reset_parameters()``
+            on the pruned shapes (parameters no layer resets keep the fresh builder's values).
+        builder: the network's builder, for an artifact of a ``user:`` builder (never imported from the file).
+        init: with ``weights=False``, ``init(model)`` initialises the model instead.
+
+    Raises:
+        ValueError: a ``user:`` builder that is not passed, or a builder that builds other shapes.
+    """
+    model = art.architecture.build(builder)
+    if not is_zoo_model(model) and art.input_size is not None:
+        model.input_size = tuple(art.input_size)  # the data the artifact was pruned (and counted) for
     if weights:
         load_weights(model, art)
+    elif init is not None:
+        init(model)
+    elif not is_zoo_model(model):
+        for m in model.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
     return model
 
 
@@ -302,6 +422,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").replace(".module.", "."): v for k, v in state.items()}
 
 
-def load_model(path: str | os.PathLike) -> nn.Module:
-    """A plain ``nn.Module`` from an artifact file, in eval mode."""
-    return build_model(load_artifact(path)).eval()
+def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | None = None) -> nn.Module:
+    """A plain ``nn.Module`` from an artifact file, in eval mode.
+
+    Args:
+        path: the artifact.
+        builder: for a model built by your own function or class (``user:`` in the file): pass it here; it is
+            called with the recorded keyword arguments and the recorded cuts are replayed on its model.
+    """
+    return build_model(load_artifact(path), builder=builder).eval()

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.artifact import Artifact, FlopsSummary, flops_summary, make_artifact, save_artifact
+from lit_prune.artifact import Architecture, Artifact, FlopsSummary, flops_summary, make_artifact, save_artifact
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.surgery import prune_groups
@@ -65,7 +65,12 @@ class PruningCallback(pl.Callback):
     * under DDP every rank holds rank 0's decision (``broadcast``) and only rank 0 writes files;
     * with ``keep_init``, the initialisation theta_0 is saved before the first step, kept in checkpoints
       (a resumed run still knows the true theta_0) and written into the artifact (lottery tickets);
-    * the constructor arguments are recorded as they were given (:meth:`settings`), for the provenance.
+    * the constructor arguments are recorded as they were given (:meth:`settings`), for the provenance;
+    * FLOPs are counted at the data's input size: ``trainer.datamodule.input_size`` where the datamodule has
+      one, else ``prune(..., input_size=)``, else the network's own ``input_size`` (32x32 without one);
+    * a network outside the zoo is pruned in place and written as an artifact of its builder and cuts
+      (:class:`lit_prune.artifact.Architecture`); one that cannot be rebuilt from a file is refused when the
+      fit starts, before any training, with the fix (or pruned without an artifact: ``artifact_path: null``).
 
     Args:
         artifact_path: where the pruned artifact is written; a relative path is resolved against the
@@ -182,6 +187,10 @@ class PruningCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after a checkpoint restore: a resumed run keeps its dense counts and theta_0.
         model = unwrap(pl_module)
+        self.input_size(trainer, model)
+        paths = (self.artifact_path, getattr(self, "masked_artifact_path", None))  # SFP writes two
+        if self.prune_at_end and any(p is not None for p in paths) and not is_zoo_model(model):
+            Architecture.of(model)  # refuse a network no file can rebuild now, not after the training
         self.state.record_dense(lambda: self.dense_of(model))
         if self.keep_init:
             self.state.capture_init(model)
@@ -233,17 +242,28 @@ class PruningCallback(pl.Callback):
         return self.decide(model, self.context(None, dataloader)).keeps
 
     def dense_of(self, model: nn.Module) -> Counts:
-        """The counts of the dense model as exported (SSS leaves its block factors out)."""
-        return Counts.of(model)
+        """The counts of the dense model as exported (SSS leaves its block factors out), at the data's size."""
+        return Counts.of(model, input_size=self.state.input_size)
+
+    def input_size(self, trainer: pl.Trainer | None, model: nn.Module,
+                   given: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+        """(C, H, W) the FLOPs are counted at, recorded with the dense counts: ``given``, else the trainer's
+        datamodule's ``input_size``, else the network's own (None: the counter's 32x32 default)."""
+        size = given
+        if size is None and trainer is not None:
+            size = getattr(getattr(trainer, "datamodule", None), "input_size", None)
+        if size is None:
+            size = getattr(model, "input_size", None)
+        return self.state.record_input_size(size)
 
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
         source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
+        input_size: tuple[int, ...] | None = None,
     ) -> Artifact | None:
         """Decide, share rank 0's decision, export the pruned copy as an artifact.
 
-        Every method takes these arguments; a model outside the zoo is pruned in place instead and None is
-        returned (see :meth:`export`).
+        Every method takes these arguments; a model outside the zoo is pruned in place (see :meth:`export`).
 
         Args:
             model: the trained network.
@@ -253,8 +273,16 @@ class PruningCallback(pl.Callback):
             init_state: theta_0 (of a lottery-ticket run, e.g. carried by a source artifact), written into the
                 artifact when the callback keeps none of its own.
             dataloader: training images, for the methods that declare ``needs_data`` (ignored by the others).
+            input_size: (C, H, W) to count FLOPs at, when the trainer has no datamodule that says it.
+
+        Raises:
+            ValueError: non-finite weights, or a network outside the zoo that no file could rebuild while an
+                artifact is to be written (checked before anything is pruned).
         """
         check_finite(model)
+        self.input_size(trainer, model, input_size)
+        if not is_zoo_model(model) and self.resolve_path(trainer, path) is not None:
+            Architecture.of(model)
         self.state.record_dense(lambda: self.dense_of(model))
         decision = self.decide(model, self.context(trainer, dataloader))
         # rank 0's keeps and masks on every rank; a network the method built itself is identical on every
@@ -305,19 +333,22 @@ class PruningCallback(pl.Callback):
         own ``pruned`` network is exported as it is. The live model is left untouched, so the trainer can still
         test or checkpoint it.
 
-        A model outside the zoo (a user's own network, whose groups are traced) cannot be described as
-        an artifact: it is pruned (and masked) *in place* instead, with a warning, and nothing is written.
+        A model outside the zoo (a torchvision/timm network, a user's own) is pruned (and masked) *in place*,
+        with a warning, and its artifact records its builder and the cuts (replayed when it is loaded). One
+        whose builder is unknown gets no artifact when none is asked for (``artifact_path`` None).
 
         Returns:
-            The artifact, or None for a model outside the zoo.
+            The artifact, or None for a model outside the zoo that cannot be rebuilt (with no path to write).
         """
         dense = self.state.record_dense(lambda: self.dense_of(model))  # dense: zeros of masked weights count too
+        size = self.state.input_size
         zoo = is_zoo_model(model)
+        target = self.resolve_path(trainer, path)
         if not zoo:
             rank_zero_warn(
-                f"{type(self).__name__}: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), "
-                "so no artifact is written; the model itself is pruned in place (its checkpoints hold the dense "
-                "weights)"
+                f"{type(self).__name__}: {type(model).__name__} is not a zoo model (lit_prune.models.create_model): "
+                "it is pruned in place" + (f", and its artifact ({target}) records its builder and the cuts"
+                                           if target is not None else "")
             )
         pruned = decision.pruned
         if pruned is None:
@@ -326,14 +357,19 @@ class PruningCallback(pl.Callback):
                 prune_groups(pruned, decision.keeps)
         if decision.masks:
             apply_masks(pruned, decision.masks)
-        if not zoo:
-            self._log_export(trainer, decision, flops_summary(pruned, dense, masked=bool(decision.masks)))
-            return None
         init = self.init_state if self.init_state is not None else init_state
-        art = make_artifact(pruned, method=self.method, settings=self.settings(), source=source,
-                            dense=dense, masks=decision.masks, init_state=init)
+        try:
+            art = make_artifact(pruned, method=self.method, settings=self.settings(), source=source,
+                                dense=dense, masks=decision.masks, init_state=init, input_size=size)
+        except ValueError as err:  # a network no file can rebuild (prune() refused it earlier if a path was set)
+            if zoo or target is not None:
+                raise
+            log.info("no artifact: %s", err)
+            self._log_export(trainer, decision, flops_summary(pruned, dense, masked=bool(decision.masks),
+                                                              input_size=size))
+            return None
         self._log_export(trainer, decision, art.flops)
-        self.written = self.write(art, self.resolve_path(trainer, path), trainer) or self.written
+        self.written = self.write(art, target, trainer) or self.written
         return art
 
     @staticmethod

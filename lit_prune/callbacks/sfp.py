@@ -59,11 +59,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.artifact import Artifact, make_artifact
+from lit_prune.artifact import Architecture, Artifact, make_artifact
 from lit_prune.callbacks.base import PruningCallback, log_metrics, unwrap
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.protocols import is_zoo_model
@@ -199,6 +199,7 @@ class SoftFilterPruning(PruningCallback):
     def prune(
         self, model: nn.Module, *, trainer: pl.Trainer | None = None, path: str | None = None,
         source: str | None = None, init_state: dict[str, torch.Tensor] | None = None, dataloader: Any = None,
+        input_size: tuple[int, ...] | None = None,
     ) -> Artifact | None:
         """One final selection on a trained model (zeroed in place), then both artifacts.
 
@@ -209,12 +210,12 @@ class SoftFilterPruning(PruningCallback):
             The small artifact, or the masked one where nothing can be removed physically.
 
         Raises:
-            ValueError: ``model`` was not built by the zoo, so it cannot be written as an artifact.
+            ValueError: a network outside the zoo that no file can rebuild (:class:`~lit_prune.artifact.Architecture`).
         """
-        if not is_zoo_model(model):
-            raise ValueError(f"{type(model).__name__} is not a zoo model, so SFP cannot write it as an artifact; "
-                             "build it with lit_prune.models.create_model")
+        if not is_zoo_model(model) and (self.resolve_path(trainer, path) or self._masked_target(trainer, path)):
+            Architecture.of(model)  # a network no file can rebuild: refused before the selection zeroes anything
         check_finite(model)
+        self.input_size(trainer, model, input_size)
         self.reprune(trainer, model)
         return self.write_artifacts(model, trainer=trainer, path=path, source=source, init_state=init_state)
 
@@ -224,21 +225,20 @@ class SoftFilterPruning(PruningCallback):
     ) -> Artifact | None:
         """Write the masked full-size artifact and, where possible, the physically smaller one (rank 0).
 
-        ``model`` must hold the current selection's zeros (``reprune`` does that). A model that is not
-        from the zoo cannot be described as an artifact: it keeps its zeros and nothing is written.
+        ``model`` must hold the current selection's zeros (``reprune`` does that); it is left as it is (a
+        network outside the zoo too: its smaller artifact is cut from a copy).
 
         Returns:
-            The small artifact, else the masked one; None for a model outside the zoo.
+            The small artifact, else the masked one (None for a network outside the zoo with no path to write).
         """
-        if not is_zoo_model(model):
-            rank_zero_warn(f"SFP: {type(model).__name__} is not a zoo model (lit_prune.models.create_model), so no "
-                           "artifact is written; the trained model itself holds the zero filters")
-            return None
         # dense counts ignore zeros, so the masked model gives them too
         dense = self.state.record_dense(lambda: self.dense_of(model))
         init = self.init_state if self.init_state is not None else init_state
+        if not is_zoo_model(model) and self._masked_target(trainer, path) is None \
+                and self.resolve_path(trainer, path) is None:
+            return None  # nothing to write: a network outside the zoo need not be rebuildable then
         masked = make_artifact(model, method=self.method, settings=self.settings(), source=source,
-                               dense=dense, masks=self.masks, init_state=init)
+                               dense=dense, masks=self.masks, init_state=init, input_size=self.state.input_size)
         self.masked_written = self.write(masked, self._masked_target(trainer, path), trainer)
         small = self._export_small(model, trainer, path, source, init)
         return small if small is not None else masked
@@ -263,7 +263,9 @@ class SoftFilterPruning(PruningCallback):
         prune_groups(shrunk, keeps)
         params = dict(shrunk.named_parameters())
         residual = {k: m for k, m in self.masks.items() if k in params and params[k].shape[0] == m.shape[0]}
-        return self.export(model, Decision(keeps=keeps, masks=residual), trainer=trainer, path=path, source=source,
+        # export cuts a network outside the zoo in place: give it a copy, the trained model keeps its zeros
+        work = model if is_zoo_model(model) else copy.deepcopy(model)
+        return self.export(work, Decision(keeps=keeps, masks=residual), trainer=trainer, path=path, source=source,
                            init_state=init_state)
 
     def _masked_target(self, trainer: pl.Trainer | None, path: str | None) -> Path | None:

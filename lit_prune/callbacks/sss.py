@@ -139,7 +139,8 @@ class SparseStructureSelection(PruningCallback):
 
     @override
     def dense_of(self, model: nn.Module) -> Counts:
-        counts = Counts.of(model)  # MACs are those of the ungated net; the factors are not parameters of it
+        # MACs are those of the ungated net; the factors are not parameters of it
+        counts = Counts.of(model, input_size=self.state.input_size)
         gates = sum(g.weight.numel() for g in block_gates(model).values())
         return Counts(macs=counts.macs, params=counts.params - gates)
 

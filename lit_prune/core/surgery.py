@@ -11,6 +11,11 @@ member: every tensor loses the indices of the removed channels of every group at
 convs, linears and BatchNorms, Torch-Pruning's own per-layer functions for the rest (depthwise convs,
 LayerNorm, PReLU, embeddings), and attention blocks keep ``num_heads`` equal to their weights. The pruned
 model's groups are then the old ones renumbered (no second trace).
+
+Such a model cannot read its widths back from data as a zoo model does, so surgery records what it cut on
+the network itself (``lit_prune_edits``: per tensor, the indices kept along the pruned dimension, and the
+attention blocks' new head counts), plain data an artifact stores. :func:`replay_edits` applies them to a
+freshly built network through the same cutting code, so the rebuilt model has exactly the pruned shapes.
 """
 
 from __future__ import annotations
@@ -167,16 +172,97 @@ def _prune_members(model: nn.Module, listed: Sequence[ChannelGroup], keeps: Mapp
         check_not_emptied(name, int(keep.sum()), (), "lower the prune ratio or keep at least one channel per layer "
                           "(floor: 1)")
     removed = removed_indices(groups, keeps)
+    edits: list[dict] = []
     for (path, kind, dim), gone in removed.items():
+        size = _extent(model, path, kind, dim)
+        edits.append({"path": path, "kind": kind, "dim": dim, "size": size, "keep": _complement(size, gone)})
         _cut(model, path, kind, dim, gone)
     for name, keep in keeps.items():
         path = groups[name].attention
         if path is not None:  # the weights changed; the block's head count must say so
             attn = model.get_submodule(path)
             attn.num_heads = int(keep.sum())
+            edits.append({"path": path, "kind": "attr", "name": "num_heads", "value": attn.num_heads})
             if hasattr(attn, "attn_dim"):
                 attn.attn_dim = attn.num_heads * attn.head_dim
+                edits.append({"path": path, "kind": "attr", "name": "attn_dim", "value": attn.attn_dim})
+    _record(model, edits)
     remember(model, renumber(listed, keeps, removed), structure_key(model))
+
+
+#: where surgery records the edits it made to a network outside the zoo (:func:`edits_of`)
+EDITS_ATTR = "lit_prune_edits"
+#: the only module attributes an edit may set (an attention block's head count and width)
+_EDIT_ATTRS = ("num_heads", "attn_dim")
+
+
+def edits_of(model: nn.Module) -> list[dict]:
+    """The cuts made to ``model`` so far, in order: ``{"path", "kind", "dim", "size", "keep"}`` per tensor
+    (``keep``: the indices it kept of ``size`` along ``dim``) and ``{"path", "kind": "attr", "name", "value"}``
+    per attention block (empty for an unpruned model or a zoo model, which describes its widths itself)."""
+    return [dict(e) for e in getattr(model, EDITS_ATTR, None) or ()]
+
+
+def _record(model: nn.Module, edits: list[dict]) -> None:
+    done = getattr(model, EDITS_ATTR, None)
+    if done is None:
+        done = []
+        object.__setattr__(model, EDITS_ATTR, done)  # plain data, not a submodule or buffer
+    done.extend(edits)
+
+
+def replay_edits(model: nn.Module, edits: Sequence[Mapping]) -> None:
+    """Apply recorded edits (:func:`edits_of`) to a freshly built network of the same architecture.
+
+    Only module paths, parameter names and the attributes ``num_heads``/``attn_dim`` are looked up; nothing
+    named by the edits is called. The edits are recorded on ``model`` again, so a pruned-again rebuilt model
+    keeps its whole history.
+
+    Raises:
+        ValueError: an edit is malformed or does not fit ``model`` (another architecture was built).
+    """
+    for i, e in enumerate(edits):
+        try:
+            path, kind = e["path"], e["kind"]
+            if kind == "attr":
+                name, value = e["name"], e["value"]
+                if name not in _EDIT_ATTRS or not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(f"an edit may only set {', '.join(_EDIT_ATTRS)} to an integer")
+                setattr(model.get_submodule(path), name, value)
+                continue
+            dim, size, keep = int(e["dim"]), int(e["size"]), e["keep"]
+            if kind not in ("out", "in", "param") or not isinstance(keep, torch.Tensor):
+                raise ValueError(f"unknown kind {kind!r} or kept indices that are not a tensor")
+            have = _extent(model, path, kind, dim)
+        except (KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"edit {i} is malformed ({type(err).__name__}: {err}); re-run the pruning that wrote "
+                             "it") from None
+        if have != size:
+            raise ValueError(f"edit {i} cuts {path} ({kind}) from {size} to {keep.numel()}, but the rebuilt model "
+                             f"has {have} there: the builder built another architecture than the pruned one")
+        gone = torch.ones(size, dtype=torch.bool)
+        gone[keep.long()] = False
+        _cut(model, path, kind, dim, gone.nonzero().flatten())
+    _record(model, [dict(e) for e in edits])
+
+
+def _extent(model: nn.Module, path: str, kind: str, dim: int) -> int:
+    """The current size of the dimension a member's indices address."""
+    if kind == "param":
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if name not in owner._parameters:
+            raise AttributeError(f"{path} is not a parameter")
+        p = owner._parameters[name]
+        return int(p.shape[dim % p.dim()])
+    import torch_pruning as tp
+    from torch_pruning.pruner import function as tpf
+
+    m = model.get_submodule(path)
+    pruner = tpf.PrunerBox.get(tp.ops.module2type(m))
+    if pruner is None:
+        raise TypeError(f"{path} is a {type(m).__name__}, which neither lit-prune nor Torch-Pruning slices")
+    return int(pruner.get_out_channels(m) if kind == "out" else pruner.get_in_channels(m))
 
 
 def _cut(model: nn.Module, path: str, kind: str, dim: int, gone: torch.Tensor) -> None:

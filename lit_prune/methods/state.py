@@ -9,7 +9,7 @@ Plain PyTorch: no Lightning here, so the state can be tested and reused outside 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,9 @@ class PruneState:
         masks: ``{parameter name: bool tensor}``, enforced on weights, gradients and momentum.
         init_state: the initialisation theta_0 (lottery tickets), or None.
         dense: the unpruned model's counts, recorded once before anything is pruned.
+        input_size: (C, H, W) of the data the counts are taken at (the datamodule's ``input_size``, or the
+            one given explicitly), recorded with ``dense`` so that the pruned counts use the same size; None:
+            the model's own ``input_size``, else 32x32.
         schedule: the method's position in its schedule (plain values and tensors), e.g. the current
             sparsity of gradual magnitude pruning, SFP's last re-prune epoch, SSS's APG velocities.
     """
@@ -78,6 +81,7 @@ class PruneState:
     init_state: dict[str, torch.Tensor] | None = None
     dense: Counts | None = None
     schedule: dict[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, ...] | None = None
 
     # ---- recording -----------------------------------------------------------------------------------
     def record_dense(self, measure: Callable[[], Counts]) -> Counts:
@@ -85,6 +89,13 @@ class PruneState:
         if self.dense is None:
             self.dense = measure()
         return self.dense
+
+    def record_input_size(self, size: Sequence[int] | None) -> tuple[int, ...] | None:
+        """The input size of the counts: ``size`` until the dense counts are recorded, then the recorded one
+        (a resumed run counts its pruned model at the size its dense model was counted at)."""
+        if self.dense is None and size is not None:
+            self.input_size = tuple(int(s) for s in size)
+        return self.input_size
 
     def capture_init(self, model: nn.Module) -> None:
         """Save theta_0 once: a resumed run keeps the true initialisation."""
@@ -112,6 +123,7 @@ class PruneState:
             "init_state": self.init_state,
             "dense": self.dense.to_dict() if self.dense is not None else None,
             "schedule": _snapshot(self.schedule),
+            "input_size": list(self.input_size) if self.input_size is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -124,10 +136,12 @@ class PruneState:
         self.init_state = state.get("init_state")
         dense = state.get("dense", state.get("dense_counts"))
         self.dense = Counts.from_dict(dense) if dense is not None else None
+        size = state.get("input_size")
+        self.input_size = tuple(int(s) for s in size) if size else None
         if "schedule" in state:
             self.schedule = dict(state["schedule"])
         else:
-            known = {"masks", "init_state", "dense", "dense_counts"}
+            known = {"masks", "init_state", "dense", "dense_counts", "input_size"}
             self.schedule = {k: v for k, v in state.items() if k not in known}
 
     @classmethod

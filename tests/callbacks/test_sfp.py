@@ -314,18 +314,24 @@ def test_masked_artifact_starts_scratch_with_enforced_masks(tmp_path: Path) -> N
     assert not torch.equal(scratch.model.layer1[0].conv1.weight[kept], model.layer1[0].conv1.weight[kept])
 
 
-def test_a_model_outside_the_zoo_is_pruned_but_writes_no_artifact(tmp_path: Path, tiny_data) -> None:
+def test_a_model_no_file_can_rebuild_is_refused_before_training_or_pruned_without_artifacts(
+    tmp_path: Path, tiny_data
+) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(10, 10))
-    cb = SoftFilterPruning(prune_ratio=0.5)
+    trainer = _trainer(tmp_path, SoftFilterPruning(prune_ratio=0.5), max_epochs=1, limit_train_batches=1)
+    with pytest.raises(ValueError, match=r"cannot be written as a pruned artifact.*rebuildable"):
+        trainer.fit(ImageClassifier(model=net, num_classes=10, lr=0.1), datamodule=tiny_data)
+    assert trainer.global_step == 0
+    cb = SoftFilterPruning(prune_ratio=0.5, artifact_path=None, masked_artifact_path=None)
     trainer = _trainer(tmp_path, cb, max_epochs=1, limit_train_batches=1)
     trainer.fit(ImageClassifier(model=net, num_classes=10, lr=0.1), datamodule=tiny_data)
     assert list(cb.masks) == ["0.weight"] and int((~cb.masks["0.weight"]).sum()) == 5
     assert _leaked(net, cb.masks) == 0
     assert not list(tmp_path.rglob("*.pt")) and cb.written is None and cb.masked_written is None
-    with pytest.raises(ValueError, match="not a zoo model"):
-        cb.prune(net)
+    with pytest.raises(ValueError, match="rebuildable"):
+        cb.prune(net, path=str(tmp_path / "sfp.pt"))
 
 
 # ---- resume ---------------------------------------------------------------------------------------

@@ -19,16 +19,23 @@ from callbacks import L1FilterPruning, NetworkSlimming
 from lit_prune.callbacks.base import unwrap
 from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.methods.plan import WidthPlan
+from lit_prune.models import rebuildable
 from lit_prune.methods.sss import BlockSelection
 
 
+def tiny_resnet(num_classes: int = 10) -> nn.Module:
+    """A user's own builder (no torchvision name builds this depth)."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
 class UserModule(pl.LightningModule):
-    """What a user writes: their own network in their own LightningModule."""
+    """What a user writes: their own network in their own LightningModule (built through ``rebuildable`` so that
+    its pruned artifact can be rebuilt with ``load_model(path, builder=tiny_resnet)``)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+        self.net = rebuildable(tiny_resnet, num_classes=10)
 
     def forward(self, x):
         return self.net(x)

@@ -154,7 +154,8 @@ class LitPruneCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
-def main(args: list[str] | None = None) -> LitPruneCLI:
+def main(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
+    """The CLI on ``args`` (None: ``sys.argv``); ``run=False`` only parses and builds (no subcommand in ``args``)."""
     return LitPruneCLI(
         ImageClassifier,
         pl.LightningDataModule,
@@ -163,6 +164,7 @@ def main(args: list[str] | None = None) -> LitPruneCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"formatter_class": HelpFormatter},
         parser_class=LitPruneParser,
+        run=run,
     )
 
 

@@ -16,10 +16,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from lit_prune.protocol import cli, plan, report, run
+from lit_prune.protocol import plan
+from tests.protocol.fake_runner import main, planned
 
 FAKE_JOB = Path(__file__).with_name("fake_job.py")
-planned = plan.Planner.stages
 
 
 def fake_stages(self: plan.Planner) -> list[plan.Stage]:
@@ -31,16 +31,5 @@ def fake_stages(self: plan.Planner) -> list[plan.Stage]:
             for st in planned(self)]
 
 
-def no_report(config, layout, results=None):
-    layout.results_md.write_text("(fake report)\n")
-    return {}
-
-
 if __name__ == "__main__":
-    plan.Planner.stages = fake_stages
-    report.collect = no_report
-    report.write_results = no_report
-    for name in ("STAGE_LOCK_WAIT", "STOP_GRACE"):
-        if name in os.environ:
-            setattr(run, name, float(os.environ[name]))
-    sys.exit(cli.main(sys.argv[1:]))
+    sys.exit(main(fake_stages))

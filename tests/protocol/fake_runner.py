@@ -33,11 +33,16 @@ def no_report(config, layout, results=None):
     return {}
 
 
-if __name__ == "__main__":
-    plan.Planner.stages = one_fake_stage
+def main(stages) -> int:
+    """The runner's main with ``stages`` as the planner's stages, no report, and the waits from the environment."""
+    plan.Planner.stages = stages
     report.collect = no_report
     report.write_results = no_report
     for name in ("STAGE_LOCK_WAIT", "STOP_GRACE"):
         if name in os.environ:
             setattr(run, name, float(os.environ[name]))
-    sys.exit(cli.main(sys.argv[1:]))
+    return cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(one_fake_stage))

@@ -48,37 +48,59 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
-class Runners:
-    """Fake runners on one experiment directory, and every process they or their stages started."""
+class RunnerProcesses:
+    """Fake runner processes (``script``) on one experiment directory, with their output in log files; every
+    process they or their stages started is SIGKILLed by :meth:`cleanup`."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.out = tmp_path / "out"
-        self.stage_dir = self.out / "seed0" / "large"
-        self.tmp = tmp_path
+    def __init__(self, tmp_path: Path, script: Path) -> None:
+        self.tmp, self.script, self.out = tmp_path, script, tmp_path / "out"
         self.procs: list[subprocess.Popen] = []
-        self.n = 0
 
-    def start(self, *args: str, mode: str = "sleep", **env: str) -> subprocess.Popen:
-        self.n += 1
-        stdout, stderr = (open(self.tmp / f"runner{self.n}.{s}", "w") for s in ("out", "err"))
-        extra = {"FAKE_STAGE_MODE": mode, **env}
-        proc = subprocess.Popen([sys.executable, str(FAKE_RUNNER), "--config", CONFIG, "--out", str(self.out), *args],
-                                cwd=REPO, env=clean_env(extra=extra), stdout=stdout, stderr=stderr,
-                                start_new_session=True)
-        stdout.close()
-        stderr.close()
-        proc.logs = (self.tmp / f"runner{self.n}.out", self.tmp / f"runner{self.n}.err")  # type: ignore[attr-defined]
+    def spawn(self, args: list[str], env: dict[str, str], **popen: object) -> subprocess.Popen:
+        n = len(self.procs)
+        logs = (self.tmp / f"runner{n}.out", self.tmp / f"runner{n}.err")
+        with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
+            proc = subprocess.Popen([sys.executable, str(self.script), "--out", str(self.out), *args], cwd=REPO,
+                                    env=clean_env(extra=env), stdout=stdout, stderr=stderr, **popen)
+        proc.logs = logs  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
     @staticmethod
-    def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
         try:
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the runner pid {proc.pid} did not end within {timeout} s")
         out, err = (p.read_text() for p in proc.logs)  # type: ignore[attr-defined]
         return rc, out, err
+
+    def stage_processes(self) -> list[int]:
+        """The pids the fake stages recorded (each subclass reads its own events)."""
+        return []
+
+    def cleanup(self) -> None:
+        for pid in [*self.stage_processes(), *(p.pid for p in self.procs)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class Runners(RunnerProcesses):
+    """Fake runners of one fake stage (``fake_runner.py``)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path, FAKE_RUNNER)
+        self.stage_dir = self.out / "seed0" / "large"
+
+    def start(self, *args: str, mode: str = "sleep", **env: str) -> subprocess.Popen:
+        return self.spawn(["--config", CONFIG, *args], {"FAKE_STAGE_MODE": mode, **env}, start_new_session=True)
 
     def events(self) -> list[dict]:
         path = self.stage_dir / "fake_stage.jsonl"
@@ -94,18 +116,6 @@ class Runners:
 
     def stage_processes(self) -> list[int]:
         return [pid for e in self.started_stages() for pid in (e["pid"], e["child"]) if pid]
-
-    def cleanup(self) -> None:
-        for pid in [*self.stage_processes(), *(p.pid for p in self.procs)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ writes what the real stage writes): no torch in the stages. The slow test at the
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from lit_prune.protocol import ExperimentError, Planner, RunLayout, load_experim
 from lit_prune.protocol.executor import Slots, cpu_count, dependencies
 from lit_prune.protocol.lock import FileLock, group_members
 from tests.helpers import clean_env, run_process
-from tests.protocol.test_lock import alive, wait_for
+from tests.protocol.test_lock import RunnerProcesses, alive, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_RUNNER = Path(__file__).with_name("fake_jobs_runner.py")
@@ -55,35 +54,17 @@ def artifact(tmp_path_factory) -> Path:
                          tmp_path_factory.mktemp("art") / "a.pt")
 
 
-class FakeRuns:
-    """Fake runners on one experiment directory; every process they started is SIGKILLed at the end."""
+class FakeRuns(RunnerProcesses):
+    """Fake runners of fake jobs (``fake_jobs_runner.py``) on one experiment directory."""
 
     def __init__(self, tmp_path: Path, artifact: Path) -> None:
-        self.tmp, self.artifact = tmp_path, artifact
+        super().__init__(tmp_path, FAKE_RUNNER)
+        self.artifact = artifact
         self.config = write_experiment(tmp_path / "exp.yaml")
-        self.out = tmp_path / "out"
-        self.procs: list[subprocess.Popen] = []
 
     def start(self, *args: str, seconds: float = 0.6, **env: str) -> subprocess.Popen:
-        n = len(self.procs)
-        stdout, stderr = (open(self.tmp / f"runner{n}.{s}", "w") for s in ("out", "err"))
         extra = {"FAKE_ARTIFACT": str(self.artifact), "FAKE_SECONDS": str(seconds), **env}
-        proc = subprocess.Popen([sys.executable, str(FAKE_RUNNER), "--config", str(self.config), "--out", str(self.out),
-                                 *args], cwd=REPO, env=clean_env(extra=extra), stdout=stdout, stderr=stderr)
-        stdout.close()
-        stderr.close()
-        proc.logs = (self.tmp / f"runner{n}.out", self.tmp / f"runner{n}.err")  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        return proc
-
-    @staticmethod
-    def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the runner pid {proc.pid} did not end within {timeout} s")
-        out, err = (p.read_text() for p in proc.logs)  # type: ignore[attr-defined]
-        return rc, out, err
+        return self.spawn(["--config", str(self.config), *args], extra)
 
     def events(self) -> list[dict]:
         path = self.out / "events.jsonl"
@@ -92,17 +73,8 @@ class FakeRuns:
     def starts(self) -> list[dict]:
         return [e for e in self.events() if e["event"] == "start"]
 
-    def cleanup(self) -> None:
-        for pid in [*(e["pid"] for e in self.starts()), *(p.pid for p in self.procs)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+    def stage_processes(self) -> list[int]:
+        return [e["pid"] for e in self.starts()]
 
 
 @pytest.fixture

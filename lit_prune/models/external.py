@@ -159,7 +159,8 @@ def builder_of(model: nn.Module) -> list[dict[str, Any]]:
 
     A record (:func:`create_external`, :func:`rebuildable`) is the one answer. Without one: a timm model's
     ``pretrained_cfg`` names its architecture; a torchvision model's class is matched against torchvision's
-    builders of that class. ``num_classes`` comes from the model (its ``num_classes``, else its last ``nn.Linear``), other arguments cannot be guessed: the caller checks each guess by rebuilding it.
+    builders of that class. ``num_classes`` comes from the model (its ``num_classes``, else its last
+    ``nn.Linear``); other arguments cannot be guessed: the caller checks each guess by rebuilding it.
     """
     record = getattr(model, BUILDER_ATTR, None)
     if isinstance(record, Mapping) and "name" in record:

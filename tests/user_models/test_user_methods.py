@@ -19,8 +19,8 @@ from callbacks import L1FilterPruning, NetworkSlimming
 from lit_prune.callbacks.base import unwrap
 from lit_prune.core.groups import channel_groups, group_size
 from lit_prune.methods.plan import WidthPlan
-from lit_prune.models import rebuildable
 from lit_prune.methods.sss import BlockSelection
+from lit_prune.models import rebuildable
 
 
 def tiny_resnet(num_classes: int = 10) -> nn.Module:

@@ -422,6 +422,37 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").replace(".module.", "."): v for k, v in state.items()}
 
 
+#: where a Lightning checkpoint of a network outside the zoo, pruned in place during the fit, records the cuts
+CHECKPOINT_EDITS = "lit_prune_edits"
+
+
+def load_checkpoint(cls: type, path: str | os.PathLike, **kwargs: Any) -> Any:
+    """A LightningModule of class ``cls`` from a checkpoint written after a pruning callback cut its network.
+
+    ``cls.load_from_checkpoint`` would build the dense network from the saved hyper-parameters and fail on
+    the pruned weights' shapes. This builds ``cls(**hyper_parameters, **kwargs)``, replays the recorded cuts on
+    its network (found as for the callbacks: ``model``, or the one child holding every parameter) and then
+    loads the weights. A checkpoint without cuts loads as it is.
+
+    Raises:
+        ValueError: the checkpoint's weights do not fit ``cls``'s network, even after the cuts.
+    """
+    from lit_prune.callbacks.base import unwrap
+    from lit_prune.core.surgery import replay_edits
+    from lit_prune.io import load_torch
+
+    ckpt = load_torch(path)
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    module = cls(**{**(ckpt.get("hyper_parameters") or {}), **kwargs})
+    replay_edits(unwrap(module), ckpt.get(CHECKPOINT_EDITS) or [])
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit {cls.__name__} even after its recorded cuts: {str(err)[:300]}") from None
+    return module
+
+
 def load_model(path: str | os.PathLike, *, builder: Callable[..., nn.Module] | None = None) -> nn.Module:
     """A plain ``nn.Module`` from an artifact file, in eval mode.
 

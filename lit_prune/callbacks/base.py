@@ -16,10 +16,18 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_prune.artifact import Architecture, Artifact, FlopsSummary, flops_summary, make_artifact, save_artifact
+from lit_prune.artifact import (
+    CHECKPOINT_EDITS,
+    Architecture,
+    Artifact,
+    FlopsSummary,
+    flops_summary,
+    make_artifact,
+    save_artifact,
+)
 from lit_prune.core.masks import Masks, apply_masks
 from lit_prune.core.protocols import is_zoo_model
-from lit_prune.core.surgery import prune_groups
+from lit_prune.core.surgery import edits_of, prune_groups
 from lit_prune.methods.base import Context, Decision, PruningMethod, check_finite
 from lit_prune.methods.state import Counts, PruneState
 
@@ -159,6 +167,16 @@ class PruningCallback(pl.Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state.load_state_dict(state_dict)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A network outside the zoo pruned in place: its hyper-parameters still build the dense one, so the
+        # checkpoint records the cuts too (lit_prune.artifact.load_checkpoint replays them before the weights).
+        model = unwrap(pl_module)
+        if not is_zoo_model(model) and edits_of(model):
+            checkpoint[CHECKPOINT_EDITS] = edits_of(model)
 
     @override
     def on_load_checkpoint(

@@ -119,3 +119,25 @@ def test_global_ranking_removes_the_ratio_overall_within_the_layer_bounds() -> N
     assert l1 != kept  # not the per-layer plan
     with pytest.raises(ValueError, match="global_ranking needs one prune_ratio"):
         L1FilterPruning(prune_ratio={"layer1.*": 0.5}, global_ranking=True)
+
+
+def test_a_checkpoint_written_after_the_in_place_prune_loads_with_its_cuts(tmp_path: Path, tiny_data,
+                                                                          isolated) -> None:
+    from lit_prune.artifact import load_checkpoint
+
+    module = UserModule()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[L1FilterPruning(prune_ratio=0.5, artifact_path=None)],
+                         accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match="ResNet is not a zoo model"):
+        trainer.fit(module, datamodule=tiny_data)
+    path = tmp_path / "after_prune.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # what Lightning's own loader does with it
+        UserModule.load_from_checkpoint(path)
+    loaded = load_checkpoint(UserModule, path)
+    assert loaded.net.layer1[0].conv1.out_channels == module.net.layer1[0].conv1.out_channels < 64
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), module.eval()(x))

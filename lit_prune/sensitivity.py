@@ -7,7 +7,9 @@ Each conv layer (channel group) is pruned alone by filter L1 norm at each ratio 
 the data config's validation data. Writes ``sensitivity.json`` (resumable: a stopped scan continues with the next
 layer), ``sensitivity.png`` (accuracy vs ratio, one line per layer, sensitive layers dashed) and
 ``method.yaml``, the L1FilterPruning config that skips the sensitive layers and prunes each other layer by the
-largest ratio it tolerates. One process (not DDP): it only runs forward passes.
+largest ratio it tolerates. Under ``torchrun --nproc_per_node N -m lit_prune.sensitivity ...`` each rank
+evaluates its own share of the validation images (every N-th), the counts are summed over the ranks, and rank 0
+alone writes the files: the table equals a one-process scan's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,37 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
+def _distributed():
+    """``(rank, reduce)``: under torchrun (``WORLD_SIZE`` > 1) the process group is started and ``reduce`` sums a
+    tensor over the ranks; otherwise ``(0, None)``."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, None
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def reduce(t):
+        dist.all_reduce(t)
+        return t
+
+    return dist.get_rank(), reduce
+
+
+def _shard(loader, max_batches: int | None):
+    """The validation images this rank evaluates: the first ``max_batches`` batches' worth, every world-size-th."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, Subset
+
+    dataset = loader.dataset
+    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * loader.batch_size)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return DataLoader(Subset(dataset, range(rank, n, world)), batch_size=loader.batch_size, shuffle=False,
+                      num_workers=loader.num_workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lit_prune.sensitivity", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2],
@@ -52,17 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     from lit_prune.search.sensitivity import accuracy, plot, proposal, scan
     from lit_prune.sources import load_datamodule, load_source
 
+    rank, reduce = _distributed()
     try:
         model, _ = load_source(args.checkpoint, args.arch, args.weights, None)
-        loader = load_datamodule(args.data_config).val_dataloader()
+        loader = _shard(load_datamodule(args.data_config).val_dataloader(), args.max_batches)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        table = scan(model.eval(), lambda m: accuracy(m, loader, args.max_batches), args.ratios,
-                     out / "sensitivity.json", source=args.checkpoint or args.weights or "")
+        table = scan(model.eval(), lambda m: accuracy(m, loader, reduce=reduce), args.ratios,
+                     out / "sensitivity.json", source=args.checkpoint or args.weights or "", progress=rank == 0,
+                     write=rank == 0)
     except (FileNotFoundError, ValueError, KeyError) as err:
         message = err.args[0] if err.args and not isinstance(err, OSError) else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     found = proposal(table, args.probe, args.tolerance)
     plot(table, found["sensitive"], out / "sensitivity.png")
     method = {"trainer": {"callbacks": [{"class_path": "callbacks.L1FilterPruning", "init_args": found["init_args"]}]}}

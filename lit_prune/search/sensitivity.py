@@ -38,8 +38,11 @@ def prune_one(model: nn.Module, group: str, ratio: float, criterion: str = "l1")
 
 
 def scan(model: nn.Module, evaluate: Evaluate, ratios: Sequence[float], path: str | Path, *,
-         criterion: str = "l1", source: str = "", progress: bool = True) -> dict[str, Any]:
+         criterion: str = "l1", source: str = "", progress: bool = True, write: bool = True) -> dict[str, Any]:
     """Scan every conv-produced group of ``model`` at every ratio, resuming from the table at ``path``.
+
+    Under DDP every rank scans (``evaluate`` reduces the counts over the ranks, so all hold the same table) and
+    only rank 0 passes ``write=True``.
 
     Raises:
         ValueError: the table at ``path`` was made for other ratios, another criterion or another model.
@@ -56,7 +59,8 @@ def scan(model: nn.Module, evaluate: Evaluate, ratios: Sequence[float], path: st
         table = old
     if "baseline" not in table:
         table["baseline"] = float(evaluate(model))
-        atomic_save_json(table, path)
+        if write:
+            atomic_save_json(table, path)
     todo = [g for g in groups if g not in table["layers"]]
     bar = _bar(len(todo) * len(ratios), progress)
     for name in todo:
@@ -65,7 +69,8 @@ def scan(model: nn.Module, evaluate: Evaluate, ratios: Sequence[float], path: st
             accs[str(r)] = float(evaluate(prune_one(model, name, r, criterion)))
             bar.update(1)
         table["layers"][name] = accs
-        atomic_save_json(table, path)  # resumable layer by layer
+        if write:
+            atomic_save_json(table, path)  # resumable layer by layer
     bar.close()
     return table
 
@@ -117,13 +122,16 @@ def plot(table: dict[str, Any], sensitive: Sequence[str], path: str | Path) -> N
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: Any, max_batches: int | None = None) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``loader`` (its first ``max_batches`` batches)."""
+def accuracy(model: nn.Module, loader: Any, max_batches: int | None = None,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader`` (its first ``max_batches`` batches); ``reduce`` sums the
+    ``(correct, total)`` counts over DDP ranks that each read their own shard."""
     model.eval()
-    correct = total = 0
+    counts = torch.zeros(2, dtype=torch.float64)
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        correct += int((model(x).argmax(1) == y).sum())
-        total += y.numel()
-    return 100.0 * correct / max(total, 1)
+        counts += torch.tensor([float((model(x).argmax(1) == y).sum()), float(y.numel())], dtype=torch.float64)
+    if reduce is not None:
+        counts = reduce(counts)
+    return 100.0 * float(counts[0]) / max(float(counts[1]), 1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from lit_prune.models import create_model
@@ -63,3 +64,46 @@ def test_the_planted_sensitive_layer_is_flagged_and_the_scan_resumes(tmp_path: P
     assert again["layers"] == table["layers"]
     plot(again, found["sensitive"], tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def _cli_args(tmp_path: Path, out: str) -> list[str]:
+    weights = tmp_path / "vgg11.pth"
+    if not weights.is_file():
+        torch.manual_seed(0)
+        torch.save(create_model("cifar_vgg11").state_dict(), weights)  # --arch builds the default widths
+    return ["--arch", "cifar_vgg11", "--weights", str(weights), "--data-config", "configs/quickstart.yaml",
+            "--ratios", "0.5", "--max-batches", "1", "--out", str(tmp_path / out)]
+
+
+def test_the_cli_writes_the_table_the_plot_and_the_method_config(tmp_path: Path, monkeypatch) -> None:
+    from lit_prune.sensitivity import main
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(_cli_args(tmp_path, "one")) == 0
+    table = json.loads((tmp_path / "one" / "sensitivity.json").read_text())
+    assert set(table["ratios"]) == {0.5} and len(table["layers"]) == 8
+    assert (tmp_path / "one" / "sensitivity.png").is_file() and (tmp_path / "one" / "method.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_process_table_and_one_writer(tmp_path: Path, monkeypatch) -> None:
+    """torchrun --nproc_per_node 2: each rank reads every 2nd image, the counts are summed, rank 0 writes."""
+    import socket
+    import sys
+
+    from lit_prune.sensitivity import main
+    from tests.helpers import REPO, clean_env, run_process
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(_cli_args(tmp_path, "one")) == 0
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "lit_prune.sensitivity", *_cli_args(tmp_path, "two")]
+    run_process(cmd, REPO, clean_env(), timeout=120)
+    one, two = (json.loads((tmp_path / d / "sensitivity.json").read_text()) for d in ("one", "two"))
+    assert two["baseline"] == one["baseline"] and two["layers"] == one["layers"]

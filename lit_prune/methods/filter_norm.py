@@ -35,7 +35,8 @@ class FilterNormPruning(PruningMethod):
 
     name = "l1_norm"
 
-    def __init__(self, widths: WidthPlan, criterion: str = "l1", mode: str = "physical", aggregate: str = "first") -> None:
+    def __init__(self, widths: WidthPlan, criterion: str = "l1", mode: str = "physical",
+                 aggregate: str = "first") -> None:
         if mode not in ("physical", "mask"):
             raise ValueError(f"mode must be 'physical' (remove filters) or 'mask' (zero them), got {mode!r}")
         if criterion not in criterion_names():

@@ -34,7 +34,12 @@ from torch import nn
 from lit_prune.core.groups import ChannelGroup, channel_groups, group_size
 from lit_prune.core.protocols import is_zoo_model
 from lit_prune.core.selection import (
-    check_not_emptied, check_patterns, check_ratio, global_threshold, matches_any, ratio_for,
+    check_not_emptied,
+    check_patterns,
+    check_ratio,
+    global_threshold,
+    matches_any,
+    ratio_for,
 )
 from lit_prune.models import create_model
 

@@ -48,7 +48,8 @@ class BlockSelection(PruningMethod):
         if not gates and not is_zoo_model(model):
             raise ValueError(
                 f"SparseStructureSelection needs residual blocks with learnable block factors, which only zoo models "
-                f"built with gates: true have (families: {_GATED_FAMILIES}); {type(model).__name__} is not a zoo model. "
+                f"built with gates: true have (families: {_GATED_FAMILIES}); {type(model).__name__} is not a zoo "
+                "model. "
                 "Use a filter or channel method (L1FilterPruning, NetworkSlimming, SoftFilterPruning) for it"
             )
         if not gates:

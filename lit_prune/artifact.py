@@ -348,14 +348,11 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is corrupted, not an artifact, of an unknown format version, or malformed.
     """
-    path = Path(path)
-    if not path.is_file():
+    from lit_prune.io import load_torch
+
+    if not Path(path).is_file():
         raise FileNotFoundError(f"no pruned artifact at {path}; give the path written by a pruning run")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or holding code
-        raise ValueError(f"{path} is not a readable lit-prune artifact ({type(err).__name__}: {err}); "
-                         "re-run the pruning step that writes it") from err
+    raw = load_torch(path, "lit-prune artifact", fix="re-run the pruning step that writes it")
     return Artifact.from_dict(raw, where=str(path))
 
 

@@ -58,8 +58,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file and what is wrong.
+def load_torch(path: str | os.PathLike, what: str = "checkpoint", fix: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file and what is wrong
+    (``what`` names the kind of file, ``fix`` is appended to the message of an unreadable one).
 
     Raises:
         FileNotFoundError: no file at ``path`` (or a directory).
@@ -85,7 +86,7 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
             why = "it holds objects other than tensors and plain data: no code is run from a data file"
         else:
             why = f"{type(err).__name__}: {str(err)[:200]}"
-        raise ValueError(f"{path} is not a readable {what} ({why})") from err
+        raise ValueError(f"{path} is not a readable {what} ({why})" + (f"; {fix}" if fix else "")) from err
 
 
 def atomic_save_json(obj: Any, path: str | os.PathLike) -> Path:

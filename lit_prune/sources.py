@@ -115,12 +115,7 @@ def _read_checkpoint(path: str) -> Any:
     """``torch.load(path, weights_only=True)``, with errors that name the file and say what is wrong with it."""
     from lit_prune.io import load_torch
 
-    try:
-        return load_torch(path)
-    except ValueError as err:
-        if "is not a readable" not in str(err):
-            raise
-        raise ValueError(f"{err}; give a Lightning checkpoint or a pruned artifact") from err.__cause__
+    return load_torch(path, fix="give a Lightning checkpoint or a pruned artifact")
 
 
 def _mismatch(err: RuntimeError) -> str:

@@ -44,13 +44,6 @@ def _table(name: str, report: Any) -> str:
     return "\n".join(rows)
 
 
-def _is_lightning_checkpoint(path: str) -> bool:
-    from lit_prune.sources import _read_checkpoint
-
-    obj = _read_checkpoint(path)
-    return isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lit_prune.flops", description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?",
@@ -75,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--base-milestones", type=int, nargs="+", metavar="E",
                         help="the large model's LR milestones (rules scale and multiples)")
     args = parser.parse_args(argv)
-    from lit_prune.artifact import build_model, load_artifact
+    from lit_prune.artifact import Artifact, build_model
     from lit_prune.core.flops import count_flops, macs_ratio
     from lit_prune.models import create_model, list_models, list_width_configs
-    from lit_prune.sources import load_source
+    from lit_prune.sources import _read_checkpoint, load_source
 
     if args.list:
         configs = list_width_configs()
@@ -93,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if Path(args.model).is_dir():
             raise ValueError(f"{args.model} is a directory; give a pruned artifact, a checkpoint or a model name")
-        if Path(args.model).is_file() and _is_lightning_checkpoint(args.model):  # a Lightning checkpoint of train.py
+        obj = _read_checkpoint(args.model) if Path(args.model).is_file() else None
+        if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:  # a Lightning checkpoint
             model, _ = load_source(args.model, None, None, None)
             extra = {"model": args.model, "cfg": getattr(model, "cfg", None)}
-        elif Path(args.model).is_file():  # a pruned artifact: count its non-zero weights, show the dense size
-            art = load_artifact(args.model)
+        elif obj is not None:  # a pruned artifact: count its non-zero weights, show the dense size
+            art = Artifact.from_dict(obj, where=args.model)
             model = build_model(art)
             args.nonzero = args.nonzero or bool(art.masks)
             extra = {"model": art.architecture.name, "cfg": art.architecture.kwargs.get("cfg"),

@@ -20,10 +20,14 @@ whose channels are its *heads* (each head owns ``3 * head_dim`` rows of ``qkv`` 
 columns of ``proj``); surgery keeps ``num_heads``/``attn_dim`` equal to what the weights say. The qkv
 rows Torch-Pruning would couple one by one (q, k and v of a head dim must go together) are not offered.
 
+Grouped convolutions that are not depthwise (RegNet's, ResNeXt's) can only lose the same positions of
+each of their slices; the channels at one position are tied into one channel of the group
+(:func:`_tie_conv_groups`), as Torch-Pruning's pruner does when it ranks them together.
+
 Refused, and logged at DEBUG level (the layers keep their width): groups that reach the model's output
-(the classifier's logits), and groups through a layer we cannot cut exactly -- grouped convolutions
-that are not depthwise (RegNet's), GroupNorm, LSTM and ``nn.MultiheadAttention`` (torchvision's ViT
-blocks, whose stream therefore stays whole; its MLP hidden dims are prunable).
+(the classifier's logits), and groups through a layer we cannot cut exactly -- GroupNorm, LSTM and
+``nn.MultiheadAttention`` (torchvision's ViT blocks, whose stream therefore stays whole; its MLP hidden
+dims are prunable).
 
 Masks: a masked group equals the physically pruned model (the design's invariant) wherever its channels
 pass through BatchNorm, convs, linears and element-wise ops. A LayerNorm normalises over all channels, so
@@ -76,10 +80,14 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == m.out_channels == m.in_channels and m.groups > 1
 
 
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (RegNet's, ResNeXt's): each of its ``groups`` reads and writes
+    its own slice of channels, so it can only lose the same positions of every slice."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
+
+
 def _cuttable(m: nn.Module) -> str | None:
     """Why module ``m`` cannot be cut exactly, or None."""
-    if isinstance(m, nn.Conv2d) and m.groups != 1 and not is_depthwise(m):
-        return f"grouped conv ({m.groups} groups)"
     if isinstance(m, (nn.GroupNorm, nn.LSTM, nn.MultiheadAttention, nn.RNNBase)):
         return type(m).__name__
     return None
@@ -204,10 +212,13 @@ def tp_channel_groups(model: nn.Module, input_size: Sequence[int] | None = None)
                 continue  # Torch-Pruning's own nodes for element-wise ops, reshapes, concatenations: no tensors
             members.append(Member(path, kind, tuple(int(i) for i in item.idxs), tuple(int(r) for r in item.root_idxs),
                                   dim))
+        tied = _tie_conv_groups(model, _merge(members)) if reason is None else None
+        if isinstance(tied, str):
+            reason, tied = tied, None
         if reason is not None:
             log.debug("group of %s is not prunable: %s", names.get(root, root), reason)
             continue
-        groups.append(_group(model, _merge(members)))
+        groups.append(_group(model, tied))
     groups.extend(head_group(path, m) for path, m in attn.items())
     return groups
 
@@ -225,6 +236,48 @@ def _merge(members: list[Member]) -> tuple[Member, ...]:
         else:
             seen[key] = m
     return tuple(seen.values())
+
+
+def _tie_conv_groups(model: nn.Module, members: tuple[Member, ...]) -> tuple[Member, ...] | str:
+    """Members whose channels respect the slices of the grouped convs among them, or why they cannot.
+
+    A grouped conv with slices of width ``w`` can lose a position ``p`` (0 <= p < w) only from all of its
+    slices at once. The channels of the group that sit at the same position of such a conv's slices are
+    therefore tied into one channel of the returned members (Torch-Pruning ranks them the same way, by
+    their mean importance), so that any keep vector removes whole positions. Refused when a tied channel
+    does not reach every slice equally (a grouped conv only part of whose inputs come from this group).
+    """
+    grouped = [(m, model.get_submodule(m.path)) for m in members if m.kind != "param"]
+    grouped = [(m, conv) for m, conv in grouped if is_grouped(conv)]
+    if not grouped:
+        return members
+    n = max(max(m.roots) for m in members if m.roots) + 1
+    parent = list(range(n))
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for m, conv in grouped:
+        width = (conv.out_channels if m.kind == "out" else conv.in_channels) // conv.groups
+        first: dict[int, int] = {}
+        for i, r in zip(m.idx, m.roots):
+            a, b = find(first.setdefault(i % width, r)), find(r)
+            parent[max(a, b)] = min(a, b)
+    tie: dict[int, int] = {}
+    for r in range(n):  # tied channels numbered in the order of their first original channel
+        tie.setdefault(find(r), len(tie))
+    tied = tuple(replace(m, roots=tuple(tie[find(r)] for r in m.roots)) for m in members)
+    for m, conv in grouped:
+        width = (conv.out_channels if m.kind == "out" else conv.in_channels) // conv.groups
+        hits: dict[int, list[int]] = {}
+        for i, r in zip(m.idx, next(t for t in tied if t.path == m.path and t.kind == m.kind).roots):
+            hits.setdefault(r, [0] * conv.groups)[i // width] += 1
+        if any(len(set(h)) != 1 for h in hits.values()):
+            return f"{m.path} is a grouped conv whose slices this group reaches unevenly"
+    return tied
 
 
 def _group(model: nn.Module, members: tuple[Member, ...]) -> ChannelGroup:

@@ -102,8 +102,9 @@ def _member_masks(model: nn.Module, group: ChannelGroup, keep: torch.Tensor, *, 
         norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
         if (filters_only and path != group.conv) or (norm and not zero_bn) or (kind == "in" and not consumers):
             continue
-        if kind == "in":
-            masks[f"{path}.weight"] = _along(module.weight, 1, gone)
+        if kind == "in":  # a grouped conv's weight holds one slice of inputs: the same positions of each go
+            width = module.weight.shape[1]
+            masks[f"{path}.weight"] = _along(module.weight, 1, (gone % width).unique())
             continue
         for pname, p in module.named_parameters(recurse=False):
             masks[f"{path}.{pname}"] = _along(p, 0, gone)

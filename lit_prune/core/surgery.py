@@ -8,8 +8,8 @@ an optimizer or a DDP wrapper exists.
 
 Groups found by Torch-Pruning (any model outside the zoo, :mod:`lit_prune.core.graph`) are cut member by
 member: every tensor loses the indices of the removed channels of every group at once, our slicers for
-convs, linears and BatchNorms, Torch-Pruning's own per-layer functions for the rest (depthwise convs,
-LayerNorm, PReLU, embeddings), and attention blocks keep ``num_heads`` equal to their weights. The pruned
+convs, linears and BatchNorms, Torch-Pruning's own per-layer functions for the rest (depthwise and grouped
+convs, LayerNorm, PReLU, embeddings), and attention blocks keep ``num_heads`` equal to their weights. The pruned
 model's groups are then the old ones renumbered (no second trace).
 
 Such a model cannot read its widths back from data as a zoo model does, so surgery records what it cut on
@@ -283,8 +283,10 @@ def _cut(model: nn.Module, path: str, kind: str, dim: int, gone: torch.Tensor) -
         _slice_out(m, _complement(m.weight.shape[0] if m.weight is not None else m.num_features, gone))
     elif plain:
         _slice_columns(m, _complement(m.weight.shape[1], gone))
-    elif isinstance(m, nn.Conv2d):  # depthwise: its filters are its inputs
+    elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:  # depthwise: filters = inputs
         tpf.prune_depthwise_conv_out_channels(m, gone.tolist())
+    elif isinstance(m, nn.Conv2d):  # grouped: the same positions go from every slice (graph._tie_conv_groups)
+        (tpf.prune_conv_out_channels if kind == "out" else tpf.prune_conv_in_channels)(m, gone.tolist())
     else:
         import torch_pruning as tp
 

@@ -1,6 +1,7 @@
 """Channel groups of models outside the zoo, from Torch-Pruning's dependency graph: coverage, coupling, surgery.
 
-Small versions of each family (torchvision and timm code, random weights, reduced widths, 32x32 inputs):
+Small versions of each family (torchvision and timm code, random weights, reduced widths, 32x32 inputs,
+grouped convs in RegNet and ResNeXt):
 every conv output channel lands in a group, coupled layers go together, the physically pruned model equals
 the masked dense one (BatchNorm models) or Torch-Pruning's own pruning of the same channels (LayerNorm
 streams), and the groups renumbered after surgery are the groups a fresh trace finds.
@@ -16,7 +17,8 @@ import torch
 import torch_pruning as tp
 import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
+from timm.models.regnet import RegNet, RegNetCfg
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from lit_prune.core import groups as groups_module
 from lit_prune.core.graph import mask_exact, tp_channel_groups
@@ -46,6 +48,9 @@ BUILDERS = {
     "efficientnet": lambda: timm.create_model("test_efficientnet", num_classes=10),
     "convnext": lambda: timm.create_model("test_convnext", num_classes=10),
     "vit": lambda: timm.create_model("test_vit", num_classes=10, img_size=32),
+    "regnet": lambda: RegNet(RegNetCfg(depth=4, w0=8, wa=12, wm=1.5, group_size=8, se_ratio=0.25, stem_width=8),
+                             num_classes=10),
+    "resnext": lambda: ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4, num_classes=10),
 }
 
 
@@ -210,11 +215,47 @@ def test_tracing_changes_nothing_and_happens_once(monkeypatch) -> None:
     assert len(calls) == 1
 
 
-def test_groups_reaching_the_output_or_a_grouped_conv_are_refused() -> None:
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
-                        nn.ReLU(), nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
-    names = {g.name for g in tp_channel_groups(net)}
-    assert names == {"5"}  # 0 feeds the grouped conv, which is refused; 8 makes the logits
+def test_a_grouped_conv_loses_the_same_positions_of_every_slice() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3, groups=2),
+                        nn.ReLU(), nn.Conv2d(12, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+    groups = {g.name: g for g in tp_channel_groups(net)}
+    assert set(groups) == {"0", "3", "5"}  # 8 makes the logits
+    # channel c of "0" is position c % 4 of the grouped conv's two input slices; "3" has 2 slices of 6 outputs
+    assert group_size(net, groups["0"]) == 4 and group_size(net, groups["3"]) == 6
+    feed = next(m for m in groups["0"].members if m.path == "0")
+    assert feed.roots == (0, 1, 2, 3, 0, 1, 2, 3)
+    keeps = {"0": torch.tensor([True, False, True, True]), "3": torch.tensor([False, True, True, True, False, True])}
+    masked, pruned = copy.deepcopy(net), copy.deepcopy(net)
+    apply_masks(masked, merge(*[group_masks(masked, groups[n], k) for n, k in keeps.items()]))
+    prune_groups(pruned, keeps, list(groups.values()))
+    conv = pruned[3]
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 6, 8)
+    torch.testing.assert_close(conv.weight, net[3].weight[[1, 2, 3, 5, 7, 8, 9, 11]][:, [0, 2, 3]])
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    # the L1 score of a tied channel sums its filters in every slice
+    l1 = net[3].weight.detach().abs().flatten(1).sum(1)
+    torch.testing.assert_close(group_scores(net, groups["3"], "l1"), l1[:6] + l1[6:])
+
+
+class _TwoIntoGrouped(nn.Module):
+    """Two convs concatenated into a grouped conv: each feeds one slice only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.grouped(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def test_groups_reaching_the_output_or_one_slice_of_a_grouped_conv_are_refused() -> None:
+    names = {g.name for g in tp_channel_groups(_TwoIntoGrouped())}
+    assert names == {"grouped"}  # a and b reach one slice each; head makes the output
 
 
 def test_a_forward_that_fails_names_input_size_and_zoo_declarations_win() -> None:

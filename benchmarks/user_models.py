@@ -1,12 +1,14 @@
 """Models outside the zoo: coverage, MACs cut and prune time, ours (Torch-Pruning's groups, our surgery) vs
-Torch-Pruning's own pruner, on the nine models of issue 11 (random weights, nothing downloaded).
+Torch-Pruning's own pruner, on the nine models of issue 11 and torchvision's ViT-B/16 (random weights,
+nothing downloaded).
 
     python benchmarks/user_models.py [--models resnet18 mobilenet_v2] [--latency] [--rounds 7]
 
 Coverage: the share of conv output channels in some prunable group. MACs: dense / pruned at 30% of every
 group (L1, per group; Torch-Pruning: MagnitudeImportance, pruning_ratio 0.3, heads for the ViT). Prune time:
 the surgery alone, graph built beforehand on both sides, ours / Torch-Pruning's. ``--latency``: CPU forward
-speed-up / MACs ratio with and without round_to 8, interleaved, median of pairwise ratios.
+speed-up / MACs ratio with and without round_to 8, interleaved, median of pairwise ratios, and ours / Torch-
+Pruning's of that ratio (the same pairs).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 MODELS = ["tv:resnet18", "tv:resnet50", "tv:vgg16_bn", "tv:mobilenet_v2", "tv:densenet121", "timm:efficientnet_b0",
-          "timm:convnext_tiny", "timm:regnety_016", "timm:vit_tiny_patch16_224"]
+          "timm:convnext_tiny", "timm:regnety_016", "timm:vit_tiny_patch16_224", "tv:vit_b_16"]
 
 
 def build(name: str) -> nn.Module:
@@ -50,20 +52,24 @@ def theirs(model: nn.Module, ratio: float, round_to: int = 1) -> tuple[nn.Module
     import torch_pruning as tp
     x = torch.zeros(1, 3, 224, 224)
     heads = {m.qkv: m.num_heads for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
+    # torchvision's nn.MultiheadAttention keeps its heads and loses head dims with the stream (as ours)
+    mha = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     out = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=ratio, ignored_layers=[out], num_heads=heads,
-                                      prune_num_heads=bool(heads), prune_head_dims=False,
+                                      pruning_ratio=ratio, ignored_layers=[out], num_heads={**heads, **mha},
+                                      prune_num_heads=bool(heads), prune_head_dims=bool(mha),
                                       head_pruning_ratio=ratio, round_to=round_to if round_to > 1 else None)
         start = time.perf_counter()
         pruner.step()
     for m in model.modules():
-        if m in () or (hasattr(m, "qkv") and m.qkv in pruner.num_heads):
+        if hasattr(m, "qkv") and m.qkv in pruner.num_heads:
             m.num_heads = pruner.num_heads[m.qkv]
             if hasattr(m, "attn_dim"):
                 m.attn_dim = m.num_heads * m.head_dim
+    if hasattr(model, "hidden_dim"):  # torchvision's ViT; Torch-Pruning leaves it to its user
+        model.hidden_dim = model.conv_proj.out_channels
     return model, time.perf_counter() - start
 
 
@@ -112,9 +118,13 @@ def main() -> None:
             x = torch.randn(8, 3, 224, 224)
             with torch.no_grad():
                 times = _common.alternate({k: (lambda m=m: m(x)) for k, m in sides.items()}, args.rounds)
-            for k in ("ours", "ours_r8", "tp", "tp_r8"):
-                per = [dt / pt / (d / macs(sides[k])) for dt, pt in zip(times["dense"], times[k], strict=True)]
+            ratio = {k: [dt / pt / (d / macs(sides[k])) for dt, pt in zip(times["dense"], times[k], strict=True)]
+                     for k in ("ours", "ours_r8", "tp", "tp_r8")}
+            for k, per in ratio.items():
                 print(f"   {k}: speed-up / MACs ratio {_common.spread(_common.summarize(per))}", flush=True)
+            for a_, b_ in (("ours", "tp"), ("ours_r8", "tp_r8")):  # the goal: >= 0.95
+                per = [x / y for x, y in zip(ratio[a_], ratio[b_], strict=True)]
+                print(f"   {a_} / {b_}: {_common.spread(_common.summarize(per))}", flush=True)
 
 
 if __name__ == "__main__":

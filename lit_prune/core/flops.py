@@ -10,7 +10,9 @@ VGG-16-A = 2.06e8, and of every table and log):
 
 * the multiply-accumulates of every ``Conv2d`` and ``Linear`` call for **one** input image:
   ``weight.numel() * H_out * W_out`` for a conv (bias, BN, ReLU, pooling and additions are not
-  counted), ``weight.numel()`` per output position for a linear layer;
+  counted), ``weight.numel()`` per output position for a linear layer; an ``nn.MultiheadAttention``
+  counts its q/k/v and output projections per token (it uses their weights without calling a
+  ``Linear``), not the attention products, as a timm block's ``qkv``/``proj`` linears are counted;
 * with ``nonzero=True`` only non-zero weights count, for conv and linear layers alike (masked models:
   unstructured, SFP, lottery).
 
@@ -70,7 +72,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 CONVENTIONS = ("macs", "reference")
-_COUNTED = (nn.Conv2d, nn.Linear)
+_COUNTED = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 _ADAPTIVE_AVG = {F.adaptive_avg_pool2d}
@@ -112,9 +114,15 @@ class FlopsReport:
         return asdict(self)
 
 
+def _weights(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The weights whose products a counted module computes."""
+    if isinstance(module, nn.MultiheadAttention):  # its projections' weights, used functionally
+        return module.in_proj_weight, module.out_proj.weight
+    return (module.weight,)
+
+
 def _weight_count(module: nn.Module, nonzero: bool) -> int:
-    w = module.weight
-    return int(torch.count_nonzero(w)) if nonzero else w.numel()
+    return sum(int(torch.count_nonzero(w)) if nonzero else w.numel() for w in _weights(module))
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -133,6 +141,8 @@ def _reference_flops(module: nn.Module, x: torch.Tensor, out: torch.Tensor, nonz
     if isinstance(module, nn.Linear):  # dense always; rows = the batch of a 2-D input
         rows = x.numel() // module.in_features
         return rows * (2 * module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
+    if isinstance(module, nn.MultiheadAttention):  # its projections, multiply-adds counted 2
+        return 2 * _weight_count(module, nonzero) * (x.numel() // module.embed_dim)
     if isinstance(module, nn.BatchNorm2d):
         return 2 * x.numel()
     if isinstance(module, _POOLS):
@@ -188,6 +198,9 @@ def count_flops(
             weights = _weight_count(module, nonzero)
             if isinstance(module, nn.Conv2d):
                 macs = weights * output.shape[-1] * output.shape[-2]
+            elif isinstance(module, nn.MultiheadAttention):  # its projections, once per token
+                output = output[0]
+                macs = weights * (output.numel() // output.shape[-1])
             else:  # Linear: one weight matrix product per output position
                 macs = weights * (output.numel() // output.shape[-1])
         flops = _reference_flops(module, inputs[0], output, nonzero) if reference else macs
@@ -243,19 +256,15 @@ def count_flops(
         for h in handles:
             h.remove()
 
-    counted_weights = {id(m.weight): m for m in model.modules() if isinstance(m, _COUNTED)}
-    params = 0
-    for p in model.parameters():
-        if nonzero and id(p) in counted_weights:
-            params += int(torch.count_nonzero(p))
-        else:
-            params += p.numel()
+    counted = {id(w) for m in model.modules() if isinstance(m, _COUNTED) for w in _weights(m)}
+
+    def size(p: torch.Tensor) -> int:
+        return int(torch.count_nonzero(p)) if nonzero and id(p) in counted else p.numel()
+
+    params = sum(size(p) for p in model.parameters())
     for key, entry in per_layer.items():
-        if isinstance(key, nn.Module):
-            entry.params = sum(
-                _weight_count(key, nonzero) if name == "weight" and isinstance(key, _COUNTED) else p.numel()
-                for name, p in key.named_parameters(recurse=False)
-            )
+        if isinstance(key, nn.Module):  # an attention block's count includes its output projection
+            entry.params = sum(size(p) for p in key.parameters(recurse=isinstance(key, nn.MultiheadAttention)))
     layers = list(per_layer.values())
     return FlopsReport(sum(e.macs for e in layers), params, list(input_size), nonzero, layers, convention,
                        sum(e.flops for e in layers))

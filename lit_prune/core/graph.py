@@ -21,18 +21,20 @@ columns of ``proj``); surgery keeps ``num_heads``/``attn_dim`` equal to what the
 rows Torch-Pruning would couple one by one (q, k and v of a head dim must go together) are not offered.
 
 Grouped convolutions that are not depthwise (RegNet's, ResNeXt's) can only lose the same positions of
-each of their slices; the channels at one position are tied into one channel of the group
-(:func:`_tie_conv_groups`), as Torch-Pruning's pruner does when it ranks them together.
+each of their slices, and an ``nn.MultiheadAttention`` (torchvision's ViT), whose stream width is its
+``num_heads * head_dim``, the same positions of each head: the channels at one position are tied into one
+channel of the group (:func:`_tie_slices`), as Torch-Pruning's pruner does when it ranks them together.
+Such an attention block keeps its heads and loses head dims with its stream.
 
 Refused, and logged at DEBUG level (the layers keep their width): groups that reach the model's output
-(the classifier's logits), and groups through a layer we cannot cut exactly -- GroupNorm, LSTM and
-``nn.MultiheadAttention`` (torchvision's ViT blocks, whose stream therefore stays whole; its MLP hidden
-dims are prunable).
+(the classifier's logits), and groups through a layer we cannot cut exactly -- GroupNorm, LSTM, and an
+``nn.MultiheadAttention`` whose keys and values have their own widths.
 
 Masks: a masked group equals the physically pruned model (the design's invariant) wherever its channels
 pass through BatchNorm, convs, linears and element-wise ops. A LayerNorm normalises over all channels, so
-zeroing some of them changes the statistics of the rest: for a group with a LayerNorm member (ConvNeXt and
-ViT streams) the masked model is an approximation of the pruned one; :func:`mask_exact` says which.
+zeroing some of them changes the statistics of the rest, and an ``nn.MultiheadAttention`` scales its
+scores by ``1 / sqrt(head_dim)``, which pruning changes: for a group with such a member (ConvNeXt and ViT
+streams) the masked model is an approximation of the pruned one; :func:`mask_exact` says which.
 """
 
 from __future__ import annotations
@@ -86,9 +88,21 @@ def is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
 
 
+def _slices(m: nn.Module, kind: str) -> tuple[int, int] | None:
+    """(width, count) of the equal slices whose same positions ``m`` can only lose together, or None: a
+    grouped conv's groups, an ``nn.MultiheadAttention``'s heads (its stream width is ``heads * head_dim``)."""
+    if is_grouped(m):
+        return (m.out_channels if kind == "out" else m.in_channels) // m.groups, m.groups
+    if isinstance(m, nn.MultiheadAttention):
+        return m.head_dim, m.num_heads
+    return None
+
+
 def _cuttable(m: nn.Module) -> str | None:
     """Why module ``m`` cannot be cut exactly, or None."""
-    if isinstance(m, (nn.GroupNorm, nn.LSTM, nn.MultiheadAttention, nn.RNNBase)):
+    if isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim:
+        return "MultiheadAttention with its own key/value widths"
+    if isinstance(m, (nn.GroupNorm, nn.LSTM, nn.RNNBase)):
         return type(m).__name__
     return None
 
@@ -212,7 +226,7 @@ def tp_channel_groups(model: nn.Module, input_size: Sequence[int] | None = None)
                 continue  # Torch-Pruning's own nodes for element-wise ops, reshapes, concatenations: no tensors
             members.append(Member(path, kind, tuple(int(i) for i in item.idxs), tuple(int(r) for r in item.root_idxs),
                                   dim))
-        tied = _tie_conv_groups(model, _merge(members)) if reason is None else None
+        tied = _tie_slices(model, _merge(members)) if reason is None else None
         if isinstance(tied, str):
             reason, tied = tied, None
         if reason is not None:
@@ -238,18 +252,19 @@ def _merge(members: list[Member]) -> tuple[Member, ...]:
     return tuple(seen.values())
 
 
-def _tie_conv_groups(model: nn.Module, members: tuple[Member, ...]) -> tuple[Member, ...] | str:
-    """Members whose channels respect the slices of the grouped convs among them, or why they cannot.
+def _tie_slices(model: nn.Module, members: tuple[Member, ...]) -> tuple[Member, ...] | str:
+    """Members whose channels respect the slices of the grouped convs and attention heads among them
+    (:func:`_slices`), or why they cannot.
 
-    A grouped conv with slices of width ``w`` can lose a position ``p`` (0 <= p < w) only from all of its
-    slices at once. The channels of the group that sit at the same position of such a conv's slices are
+    A layer with slices of width ``w`` can lose a position ``p`` (0 <= p < w) only from all of its slices
+    at once. The channels of the group that sit at the same position of such a layer's slices are
     therefore tied into one channel of the returned members (Torch-Pruning ranks them the same way, by
     their mean importance), so that any keep vector removes whole positions. Refused when a tied channel
     does not reach every slice equally (a grouped conv only part of whose inputs come from this group).
     """
-    grouped = [(m, model.get_submodule(m.path)) for m in members if m.kind != "param"]
-    grouped = [(m, conv) for m, conv in grouped if is_grouped(conv)]
-    if not grouped:
+    sliced = [(m, _slices(model.get_submodule(m.path), m.kind)) for m in members if m.kind != "param"]
+    sliced = [(m, s) for m, s in sliced if s is not None]
+    if not sliced:
         return members
     n = max(max(m.roots) for m in members if m.roots) + 1
     parent = list(range(n))
@@ -260,8 +275,7 @@ def _tie_conv_groups(model: nn.Module, members: tuple[Member, ...]) -> tuple[Mem
             r = parent[r]
         return r
 
-    for m, conv in grouped:
-        width = (conv.out_channels if m.kind == "out" else conv.in_channels) // conv.groups
+    for m, (width, _) in sliced:
         first: dict[int, int] = {}
         for i, r in zip(m.idx, m.roots):
             a, b = find(first.setdefault(i % width, r)), find(r)
@@ -270,13 +284,12 @@ def _tie_conv_groups(model: nn.Module, members: tuple[Member, ...]) -> tuple[Mem
     for r in range(n):  # tied channels numbered in the order of their first original channel
         tie.setdefault(find(r), len(tie))
     tied = tuple(replace(m, roots=tuple(tie[find(r)] for r in m.roots)) for m in members)
-    for m, conv in grouped:
-        width = (conv.out_channels if m.kind == "out" else conv.in_channels) // conv.groups
+    for m, (width, count) in sliced:
         hits: dict[int, list[int]] = {}
         for i, r in zip(m.idx, next(t for t in tied if t.path == m.path and t.kind == m.kind).roots):
-            hits.setdefault(r, [0] * conv.groups)[i // width] += 1
+            hits.setdefault(r, [0] * count)[i // width] += 1
         if any(len(set(h)) != 1 for h in hits.values()):
-            return f"{m.path} is a grouped conv whose slices this group reaches unevenly"
+            return f"{m.path} has slices (groups or heads) that this group reaches unevenly"
     return tied
 
 
@@ -296,8 +309,10 @@ def member_size(group: ChannelGroup) -> int:
 
 
 def mask_exact(model: nn.Module, group: ChannelGroup) -> bool:
-    """Whether masking ``group`` computes exactly what pruning it does (no LayerNorm normalises its channels)."""
-    return not any(m.kind == "out" and isinstance(model.get_submodule(m.path), nn.LayerNorm) for m in group.members)
+    """Whether masking ``group`` computes exactly what pruning it does (no LayerNorm normalises its channels,
+    no ``nn.MultiheadAttention`` scales by its head width)."""
+    return not any(m.kind == "out" and isinstance(model.get_submodule(m.path), (nn.LayerNorm, nn.MultiheadAttention))
+                   for m in group.members)
 
 
 def removed_indices(groups: Mapping[str, ChannelGroup], keeps: Mapping[str, torch.Tensor]) -> dict[tuple, torch.Tensor]:

@@ -102,12 +102,29 @@ def _member_masks(model: nn.Module, group: ChannelGroup, keep: torch.Tensor, *, 
         norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
         if (filters_only and path != group.conv) or (norm and not zero_bn) or (kind == "in" and not consumers):
             continue
+        if isinstance(module, nn.MultiheadAttention):
+            masks.update(_attention_masks(path, module, gone))
+            continue
         if kind == "in":  # a grouped conv's weight holds one slice of inputs: the same positions of each go
             width = module.weight.shape[1]
             masks[f"{path}.weight"] = _along(module.weight, 1, (gone % width).unique())
             continue
         for pname, p in module.named_parameters(recurse=False):
             masks[f"{path}.{pname}"] = _along(p, 0, gone)
+    return masks
+
+
+def _attention_masks(path: str, attn: nn.MultiheadAttention, gone: torch.Tensor) -> Masks:
+    """An ``nn.MultiheadAttention`` losing stream channels ``gone``: the q, k and v rows and the input
+    columns of its packed projection, the rows and columns of its output projection."""
+    e = attn.embed_dim
+    rows = torch.cat([gone + s * e for s in range(3)])
+    masks = {f"{path}.in_proj_weight": _along(attn.in_proj_weight, 0, rows) & _along(attn.in_proj_weight, 1, gone),
+             f"{path}.out_proj.weight": _along(attn.out_proj.weight, 0, gone) & _along(attn.out_proj.weight, 1, gone)}
+    if attn.in_proj_bias is not None:
+        masks[f"{path}.in_proj_bias"] = _along(attn.in_proj_bias, 0, rows)
+    if attn.out_proj.bias is not None:
+        masks[f"{path}.out_proj.bias"] = _along(attn.out_proj.bias, 0, gone)
     return masks
 
 

@@ -9,7 +9,9 @@ an optimizer or a DDP wrapper exists.
 Groups found by Torch-Pruning (any model outside the zoo, :mod:`lit_prune.core.graph`) are cut member by
 member: every tensor loses the indices of the removed channels of every group at once, our slicers for
 convs, linears and BatchNorms, Torch-Pruning's own per-layer functions for the rest (depthwise and grouped
-convs, LayerNorm, PReLU, embeddings), and attention blocks keep ``num_heads`` equal to their weights. The pruned
+convs, LayerNorm, PReLU, embeddings, ``nn.MultiheadAttention``), attention blocks keep ``num_heads`` equal to
+their weights, and a model that keeps its stream width as ``hidden_dim`` (torchvision's ViT) is told the
+new one. The pruned
 model's groups are then the old ones renumbered (no second trace).
 
 Such a model cannot read its widths back from data as a zoo model does, so surgery records what it cut on
@@ -173,10 +175,17 @@ def _prune_members(model: nn.Module, listed: Sequence[ChannelGroup], keeps: Mapp
                           "(floor: 1)")
     removed = removed_indices(groups, keeps)
     edits: list[dict] = []
+    widths = {}  # a stream width a model keeps as an attribute, before and after (torchvision ViT's hidden_dim)
+    for name in keeps:
+        first = next((m for m in groups[name].members if m.kind == "out"), None)
+        if first is not None and (first.path, "out", 0) in removed:
+            widths[first.path] = _extent(model, first.path, "out", 0)
     for (path, kind, dim), gone in removed.items():
         size = _extent(model, path, kind, dim)
         edits.append({"path": path, "kind": kind, "dim": dim, "size": size, "keep": _complement(size, gone)})
         _cut(model, path, kind, dim, gone)
+    for path, before in widths.items():
+        edits.extend(_follow_width(model, path, before, _extent(model, path, "out", 0)))
     for name, keep in keeps.items():
         path = groups[name].attention
         if path is not None:  # the weights changed; the block's head count must say so
@@ -190,10 +199,24 @@ def _prune_members(model: nn.Module, listed: Sequence[ChannelGroup], keeps: Mapp
     remember(model, renumber(listed, keeps, removed), structure_key(model))
 
 
+def _follow_width(model: nn.Module, path: str, before: int, after: int) -> list[dict]:
+    """Set the width attribute of the modules around ``path`` that held its old width (``hidden_dim``:
+    torchvision's ``VisionTransformer`` reshapes its patches by it); the edits that did so."""
+    edits = []
+    parts = path.split(".")
+    for owner in (".".join(parts[:i]) for i in range(len(parts))):
+        m = model.get_submodule(owner)
+        if getattr(m, "hidden_dim", None) == before and isinstance(before, int):
+            m.hidden_dim = after
+            edits.append({"path": owner, "kind": "attr", "name": "hidden_dim", "value": after})
+    return edits
+
+
 #: where surgery records the edits it made to a network outside the zoo (:func:`edits_of`)
 EDITS_ATTR = "lit_prune_edits"
-#: the only module attributes an edit may set (an attention block's head count and width)
-_EDIT_ATTRS = ("num_heads", "attn_dim")
+#: the only module attributes an edit may set (an attention block's head count and width, a model's
+#: stream width)
+_EDIT_ATTRS = ("num_heads", "attn_dim", "hidden_dim")
 
 
 def edits_of(model: nn.Module) -> list[dict]:
@@ -214,7 +237,7 @@ def _record(model: nn.Module, edits: list[dict]) -> None:
 def replay_edits(model: nn.Module, edits: Sequence[Mapping]) -> None:
     """Apply recorded edits (:func:`edits_of`) to a freshly built network of the same architecture.
 
-    Only module paths, parameter names and the attributes ``num_heads``/``attn_dim`` are looked up; nothing
+    Only module paths, parameter names and the attributes of :data:`_EDIT_ATTRS` are looked up; nothing
     named by the edits is called. The edits are recorded on ``model`` again, so a pruned-again rebuilt model
     keeps its whole history.
 

@@ -116,19 +116,24 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
         "world_size": trainer.world_size,
     }
     if trainer.is_global_zero:
-        if is_zoo_model(model.model):
+        art = None
+        try:  # any model the stage could build: a zoo model, or one rebuilt from its builder and edits
             art = make_artifact(model.model, method=f"retrain:{model.hparams.regime}", masks=model.masks,
                                 source=str(stage), settings={"max_epochs": metrics["max_epochs"]},
                                 init_state=model.init_state)
+        except ValueError as err:  # a network handed over in Python that no file can rebuild
+            warnings.warn(f"{stage}: the trained model is not written as {MODEL}: {err}", stacklevel=1)
+        else:
             metrics.update(macs=art.flops.pruned.macs, params=art.flops.pruned.params)
             save_artifact(art, stage / MODEL)
-        _log_hyperparameters(trainer, model, stage, metrics)
+        _log_hyperparameters(trainer, model, stage, metrics, art.architecture.name if art is not None else None)
         atomic_save_json(metrics, stage / METRICS)
     trainer.strategy.barrier("lit_prune_stage")
     return metrics
 
 
-def _log_hyperparameters(trainer: pl.Trainer, model: ImageClassifier, stage: Path, metrics: dict[str, Any]) -> None:
+def _log_hyperparameters(trainer: pl.Trainer, model: ImageClassifier, stage: Path, metrics: dict[str, Any],
+                         arch_name: str | None) -> None:
     """The stage's hyper-parameters in its TensorBoard run (the HParams tab), with the test accuracy as hp_metric:
     seed, variant and regime (scratch_e and scratch_b apart) from the stage folder, the widths of the network
     actually trained, and where it came from."""
@@ -138,8 +143,10 @@ def _log_hyperparameters(trainer: pl.Trainer, model: ImageClassifier, stage: Pat
         seed, variant, kind = RunLayout.describe(stage)
     except ValueError:  # a stage run by hand outside an experiment directory
         seed, variant, kind = None, None, stage.name
-    zoo = is_zoo_model(model.model)
-    arch = architecture(model.model) if zoo else {"name": type(model.model).__name__, "kwargs": {}}
+    if is_zoo_model(model.model):
+        arch = architecture(model.model)
+    else:  # its builder's name (torchvision:resnet50), whose widths the edits describe
+        arch = {"name": arch_name or type(model.model).__name__, "kwargs": {}}
     params = {
         "seed": seed, "variant": variant or "unpruned", "regime": kind, "start": model.hparams.regime,
         "method": model.source_method or "none", "arch": arch["name"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from callbacks import L1FilterPruning
-from lit_prune.artifact import load_artifact
+from lit_prune.artifact import load_artifact, load_model
 from lit_prune.models import create_model
 from lit_prune.protocol.stage import run_stage
 from tests.helpers import clean_env, run_process
@@ -70,3 +70,25 @@ def test_retraining_stage_under_ddp_writes_one_metrics_file_and_one_model(tmp_pa
     art = load_artifact(stage / "model.pt")
     assert art.architecture == load_artifact(artifact).architecture
     assert (stage / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_stage_retraining_a_torchvision_artifact_writes_a_model_that_rebuilds(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    net = create_model("torchvision:mobilenet_v2", width_mult=0.25, num_classes=10)
+    artifact = tmp_path / "pruned.pt"
+    L1FilterPruning(prune_ratio=0.4).prune(net.eval(), path=str(artifact), input_size=(3, 32, 32))
+    stage = tmp_path / "stage"
+    metrics = run_stage([
+        f"--stage_dir={stage}", "--seed_everything=0", f"--model.artifact={artifact}", "--model.regime=scratch",
+        "--data=tests.helpers.RandomImageDataModule", "--data.num_samples=32", "--trainer.logger=false",
+        "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    art, pruned = load_artifact(stage / "model.pt"), load_artifact(artifact)
+    assert (art.architecture.name, art.architecture.kwargs) == (pruned.architecture.name, pruned.architecture.kwargs)
+    cuts = [[e.get("keep", e.get("value")).tolist() if torch.is_tensor(e.get("keep")) else e.get("value")
+             for e in a.architecture.edits] for a in (art, pruned)]
+    assert cuts[0] == cuts[1] and cuts[0]  # the same cuts
+    assert art.provenance.method == "retrain:scratch" and metrics["macs"] == art.flops.pruned.macs
+    rebuilt = load_model(stage / "model.pt")
+    assert not torch.equal(rebuilt.features[0][0].weight, net.features[0][0].weight)  # retrained from scratch
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}

@@ -53,6 +53,12 @@ class ImageClassifier(pl.LightningModule):
             the density-corrected He init), ``"rewind"`` restarts from the artifact's saved
             initialisation theta_0 times the mask (a lottery-ticket "winning ticket"). Masks of masked
             artifacts stay enforced in every regime (weights, gradients and momentum).
+        builder: the function or class that builds the network of an artifact recorded as ``user:...``
+            (``rebuildable``); lit-prune never imports it from the file. From the CLI an import path,
+            ``--model.builder mypkg.nets.MyNet``. Not saved in hparams.
+        init: ``init(network)`` initialises the network of a ``scratch`` regime instead of its own init (a
+            zoo family's scheme, or every layer's ``reset_parameters()``); an import path from the CLI. Not
+            saved in hparams.
         model: an ``nn.Module`` to train instead of a zoo model (Python use; not saved in hparams).
         channels_last: keep the network's conv weights and every batch in the channels_last memory format
             (NHWC: faster convolutions on GPUs, above all under bf16). Outputs equal the default layout's
@@ -93,6 +99,8 @@ class ImageClassifier(pl.LightningModule):
         step_size: int | None = None,
         artifact: str | None = None,
         regime: str = "finetune",
+        builder: Callable[..., nn.Module] | None = None,
+        init: Callable[[nn.Module], None] | None = None,
         model: nn.Module | None = None,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,  # noqa: A002 (the YAML key; the builtin is not used here)
@@ -107,13 +115,16 @@ class ImageClassifier(pl.LightningModule):
         self._channels_last = bool(channels_last)
         # (the eager network's structure, the callable that runs it): rebuilt when surgery changes the network
         self._fast: tuple[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] | None = None
-        self.save_hyperparameters(ignore=["model"])
+        if init is not None and (regime != "scratch" or artifact is None):
+            raise ValueError("init initialises the network of a scratch run from an artifact; give "
+                             "artifact and regime: scratch, or drop init")
+        self.save_hyperparameters(ignore=["model", "builder", "init"])  # code, not data (a checkpoint holds data)
         # masks and theta_0 of a masked artifact (kept enforced in every regime, saved in checkpoints)
         self.prune_state = PruneState()
         #: the method that pruned the artifact this run started from (None without an artifact)
         self.source_method: str | None = None
         if model is None and artifact is not None:
-            model = self._from_artifact(artifact, regime, arch, num_classes)
+            model = self._from_artifact(artifact, regime, arch, num_classes, builder, init)
         elif model is None:
             if arch is None:
                 raise ValueError("give arch (a zoo model name, see `python -m lit_prune.flops --list`), "
@@ -133,7 +144,9 @@ class ImageClassifier(pl.LightningModule):
         )
         self._topk = (1, top5)
 
-    def _from_artifact(self, path: str, regime: str, arch: str | None, num_classes: int) -> nn.Module:
+    def _from_artifact(self, path: str, regime: str, arch: str | None, num_classes: int,
+                       builder: Callable[..., nn.Module] | None, init: Callable[[nn.Module], None] | None
+                       ) -> nn.Module:
         art = load_artifact(path)
         name, kwargs = art.architecture.name, art.architecture.kwargs
         if arch is not None and arch != name:
@@ -143,7 +156,7 @@ class ImageClassifier(pl.LightningModule):
         if regime == "finetune" and art.provenance.method == "predefined":
             raise ValueError(f"{path} is an architecture-only artifact (a predefined width config, no trained "
                              "weights): train it with regime scratch; there is nothing to fine-tune")
-        model = build_model(art, weights=regime == "finetune")
+        model = build_model(art, weights=regime == "finetune", builder=builder, init=init)
         # An artifact of a model built without num_classes has the builder's default, not the data's count.
         classes = kwargs.get("num_classes", _classifier_width(model))
         if classes is not None and classes != num_classes:

@@ -215,4 +215,4 @@ def build_recorded(name: str, kwargs: Mapping[str, Any], builder: Callable[..., 
     raise ValueError(f"{where} was built by {label}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}), a "
                      "builder lit-prune does not import from a file (that would run code the file names): pass "
                      f"it yourself, load_model(path, builder={label.rpartition('.')[2]}) / "
-                     "build_model(artifact, builder=...)")
+                     f"build_model(artifact, builder=...), or from the CLI --model.builder {label}")

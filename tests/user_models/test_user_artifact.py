@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,35 @@ def test_a_user_builder_must_be_passed_in_and_is_never_imported_from_the_file(tm
     assert _same_outputs(load_model(path, builder=tiny_resnet), net) == 0.0
     with pytest.raises(ValueError, match="train it|builder"):  # the CLI's module cannot guess it either
         ImageClassifier(artifact=str(path), regime="finetune")
+
+
+INITIALISED: list[nn.Module] = []
+
+
+def constant_init(net: nn.Module) -> None:
+    """A user's own scratch initialisation (named on the command line by its import path)."""
+    INITIALISED.append(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.01)
+
+
+def test_the_cli_takes_a_user_builder_and_init_by_import_path(tmp_path: Path, monkeypatch) -> None:
+    from lit_prune.cli.train import main
+
+    net, path = _pruned(rebuildable(tiny_resnet, num_classes=10), tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    common = [f"--model.artifact={path}", "--data=tests.helpers.RandomImageDataModule",
+              "--model.builder=tests.user_models.test_user_methods.tiny_resnet", f"--trainer.default_root_dir={tmp_path}"]
+    cli = main([*common, "--model.regime=finetune"], run=False)
+    assert _same_outputs(cli.model.model, net) == 0.0
+    INITIALISED.clear()
+    cli = main([*common, "--model.regime=scratch", f"--model.init={__name__}.constant_init"], run=False)
+    assert INITIALISED == [cli.model.model]
+    assert all(bool((p == 0.01).all()) for p in cli.model.model.parameters())
+    assert "init" not in cli.model.hparams and "builder" not in cli.model.hparams
+    with pytest.raises(ValueError, match="scratch"):  # an init a fine-tune would silently ignore
+        ImageClassifier(artifact=str(path), regime="finetune", builder=tiny_resnet, init=constant_init)
 
 
 def test_a_model_no_file_can_rebuild_is_refused_before_it_is_pruned(tmp_path: Path) -> None:

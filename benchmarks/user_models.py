@@ -7,8 +7,9 @@ nothing downloaded).
 Coverage: the share of conv output channels in some prunable group. MACs: dense / pruned at 30% of every
 group (L1, per group; Torch-Pruning: MagnitudeImportance, pruning_ratio 0.3, heads for the ViT). Prune time:
 the surgery alone, graph built beforehand on both sides, ours / Torch-Pruning's. ``--latency``: CPU forward
-speed-up / MACs ratio with and without round_to 8, interleaved, median of pairwise ratios, and ours / Torch-
-Pruning's of that ratio (the same pairs).
+speed-up / MACs ratio with and without round_to 8 (Torch-Pruning's ratio then chosen to match our MACs: its
+rounding goes down, ours up), interleaved, median of pairwise ratios, and ours / Torch-Pruning's of that ratio
+(the same pairs).
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def theirs(model: nn.Module, ratio: float, round_to: int = 1) -> tuple[nn.Module
     return model, time.perf_counter() - start
 
 
+def theirs_at(dense: nn.Module, target: int, round_to: int) -> nn.Module:
+    """Torch-Pruning's model whose MACs are closest to ``target``: its ratio bisected (its round_to rounds the
+    kept widths down, ours up, so the same ratio gives other MACs)."""
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        model = theirs(copy.deepcopy(dense), mid, round_to)[0]
+        m = macs(model)
+        if best is None or abs(m - target) < abs(best[0] - target):
+            best = (m, model)
+        lo, hi = (mid, hi) if m > target else (lo, mid)
+    return best[1]
+
+
 def coverage(model: nn.Module) -> tuple[float, float]:
     import torch_pruning as tp
     from lit_prune.core.groups import channel_groups
@@ -113,15 +128,16 @@ def main() -> None:
         print(f"| {name} | {cov[0]:.1%} | {cov[1]:.1%} | {d / macs(a):.2f}x / {d / macs(b):.2f}x | "
               f"{ta:.3f} s / {tb:.3f} s = {ta / tb:.2f} |", flush=True)
         if args.latency:
-            sides = {"dense": dense, "ours": a, "ours_r8": ours(copy.deepcopy(dense), 0.3, 8)[0], "tp": b,
-                     "tp_r8": theirs(copy.deepcopy(dense), 0.3, 8)[0]}
+            a8 = ours(copy.deepcopy(dense), 0.3, 8)[0]
+            sides = {"dense": dense, "ours": a, "ours_r8": a8, "tp": b, "tp_r8": theirs_at(dense, macs(a8), 8)}
             x = torch.randn(8, 3, 224, 224)
             with torch.no_grad():
                 times = _common.alternate({k: (lambda m=m: m(x)) for k, m in sides.items()}, args.rounds)
             ratio = {k: [dt / pt / (d / macs(sides[k])) for dt, pt in zip(times["dense"], times[k], strict=True)]
                      for k in ("ours", "ours_r8", "tp", "tp_r8")}
             for k, per in ratio.items():
-                print(f"   {k}: speed-up / MACs ratio {_common.spread(_common.summarize(per))}", flush=True)
+                print(f"   {k} ({d / macs(sides[k]):.2f}x fewer MACs): speed-up / MACs ratio "
+                      f"{_common.spread(_common.summarize(per))}", flush=True)
             for a_, b_ in (("ours", "tp"), ("ours_r8", "tp_r8")):  # the goal: >= 0.95
                 per = [x / y for x, y in zip(ratio[a_], ratio[b_], strict=True)]
                 print(f"   {a_} / {b_}: {_common.spread(_common.summarize(per))}", flush=True)

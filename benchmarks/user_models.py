@@ -90,6 +90,7 @@ def theirs_at(dense: nn.Module, target: int, round_to: int) -> nn.Module:
 
 def coverage(model: nn.Module) -> tuple[float, float]:
     import torch_pruning as tp
+
     from lit_prune.core.groups import channel_groups
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     total = sum(m.out_channels for m in convs.values())
@@ -132,7 +133,7 @@ def main() -> None:
             sides = {"dense": dense, "ours": a, "ours_r8": a8, "tp": b, "tp_r8": theirs_at(dense, macs(a8), 8)}
             x = torch.randn(8, 3, 224, 224)
             with torch.no_grad():
-                times = _common.alternate({k: (lambda m=m: m(x)) for k, m in sides.items()}, args.rounds)
+                times = _common.alternate({k: (lambda m=m, x=x: m(x)) for k, m in sides.items()}, args.rounds)
             ratio = {k: [dt / pt / (d / macs(sides[k])) for dt, pt in zip(times["dense"], times[k], strict=True)]
                      for k in ("ours", "ours_r8", "tp", "tp_r8")}
             for k, per in ratio.items():

@@ -22,17 +22,19 @@ rows Torch-Pruning would couple one by one (q, k and v of a head dim must go tog
 
 Grouped convolutions that are not depthwise (RegNet's, ResNeXt's) can only lose the same positions of
 each of their slices, and an ``nn.MultiheadAttention`` (torchvision's ViT), whose stream width is its
-``num_heads * head_dim``, the same positions of each head: the channels at one position are tied into one
-channel of the group (:func:`_tie_slices`), as Torch-Pruning's pruner does when it ranks them together.
+``num_heads * head_dim``, the same positions of each head, and a GroupNorm the same positions of each of
+its groups: the channels at one position are tied into one channel of the group (:func:`_tie_slices`), as
+Torch-Pruning's pruner does when it ranks them together.
 Such an attention block keeps its heads and loses head dims with its stream.
 
 Refused, and logged at DEBUG level (the layers keep their width): groups that reach the model's output
-(the classifier's logits), and groups through a layer we cannot cut exactly -- GroupNorm, LSTM, and an
-``nn.MultiheadAttention`` whose keys and values have their own widths.
+(the classifier's logits), and groups through a layer we cannot cut exactly -- LSTMs and other RNNs, and
+an ``nn.MultiheadAttention`` whose keys and values have their own widths.
 
 Masks: a masked group equals the physically pruned model (the design's invariant) wherever its channels
 pass through BatchNorm, convs, linears and element-wise ops. A LayerNorm normalises over all channels, so
-zeroing some of them changes the statistics of the rest, and an ``nn.MultiheadAttention`` scales its
+zeroing some of them changes the statistics of the rest (a GroupNorm likewise within each of its groups),
+and an ``nn.MultiheadAttention`` scales its
 scores by ``1 / sqrt(head_dim)``, which pruning changes: for a group with such a member (ConvNeXt and ViT
 streams) the masked model is an approximation of the pruned one; :func:`mask_exact` says which.
 """
@@ -78,6 +80,10 @@ class Member:
     dim: int = 0
 
 
+#: the norms whose per-channel scales a group's channels own (Network Slimming's criterion scores them)
+SCALE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == m.out_channels == m.in_channels and m.groups > 1
 
@@ -90,11 +96,14 @@ def is_grouped(m: nn.Module) -> bool:
 
 def _slices(m: nn.Module, kind: str) -> tuple[int, int] | None:
     """(width, count) of the equal slices whose same positions ``m`` can only lose together, or None: a
-    grouped conv's groups, an ``nn.MultiheadAttention``'s heads (its stream width is ``heads * head_dim``)."""
+    grouped conv's groups, an ``nn.MultiheadAttention``'s heads (its stream width is ``heads * head_dim``),
+    a GroupNorm's groups."""
     if is_grouped(m):
         return (m.out_channels if kind == "out" else m.in_channels) // m.groups, m.groups
     if isinstance(m, nn.MultiheadAttention):
         return m.head_dim, m.num_heads
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels // m.num_groups, m.num_groups
     return None
 
 
@@ -102,7 +111,7 @@ def _cuttable(m: nn.Module) -> str | None:
     """Why module ``m`` cannot be cut exactly, or None."""
     if isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim:
         return "MultiheadAttention with its own key/value widths"
-    if isinstance(m, (nn.GroupNorm, nn.LSTM, nn.RNNBase)):
+    if isinstance(m, (nn.LSTM, nn.RNNBase)):
         return type(m).__name__
     return None
 
@@ -298,7 +307,7 @@ def _group(model: nn.Module, members: tuple[Member, ...]) -> ChannelGroup:
     outs = [m.path for m in members if m.kind == "out"]
     ins = [m.path for m in members if m.kind == "in"]
     scored = [p for p in outs if isinstance(mods[p], (nn.Conv2d, nn.Linear))]
-    norms = [p for p in outs if isinstance(mods[p], (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))]
+    norms = [p for p in outs if isinstance(mods[p], SCALE_NORMS)]
     return ChannelGroup(name=members[0].path, producers=tuple(outs), consumers=tuple(ins),
                         conv=scored[0] if scored else None, bn=norms[0] if norms else None, members=members)
 
@@ -309,10 +318,10 @@ def member_size(group: ChannelGroup) -> int:
 
 
 def mask_exact(model: nn.Module, group: ChannelGroup) -> bool:
-    """Whether masking ``group`` computes exactly what pruning it does (no LayerNorm normalises its channels,
-    no ``nn.MultiheadAttention`` scales by its head width)."""
-    return not any(m.kind == "out" and isinstance(model.get_submodule(m.path), (nn.LayerNorm, nn.MultiheadAttention))
-                   for m in group.members)
+    """Whether masking ``group`` computes exactly what pruning it does (no LayerNorm or GroupNorm normalises its
+    channels together, no ``nn.MultiheadAttention`` scales by its head width)."""
+    inexact = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
+    return not any(m.kind == "out" and isinstance(model.get_submodule(m.path), inexact) for m in group.members)
 
 
 def removed_indices(groups: Mapping[str, ChannelGroup], keeps: Mapping[str, torch.Tensor]) -> dict[tuple, torch.Tensor]:

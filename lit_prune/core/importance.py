@@ -59,7 +59,7 @@ def group_scores(model: nn.Module, group: ChannelGroup, criterion: str, aggregat
         aggregate: over which layers of the group the criterion is taken. ``"first"``: the group's own
             conv (``conv``, filter criteria) or norm (``bn``, scale criteria) only -- the paper's rule, and
             all there is in a zoo group. ``"sum"`` / ``"mean"``: every coupled layer the criterion applies
-            to (each conv/linear producer for filter criteria, each BatchNorm/LayerNorm for scale criteria)
+            to (each conv/linear producer for filter criteria, each BatchNorm/LayerNorm/GroupNorm for scale criteria)
             scores the channel, and the scores are summed / averaged. A channel that owns several rows of
             one layer (an attention head's ``3 * head_dim`` qkv rows) gets the sum of their scores.
 
@@ -85,9 +85,9 @@ def group_scores(model: nn.Module, group: ChannelGroup, criterion: str, aggregat
 
 def _member_scores(model: nn.Module, group: ChannelGroup, fn: Criterion, source: str, first: str,
                    aggregate: str) -> torch.Tensor:
-    from lit_prune.core.graph import member_size
+    from lit_prune.core.graph import SCALE_NORMS, member_size
 
-    kinds = (nn.Conv2d, nn.Linear) if source == "conv" else (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+    kinds = (nn.Conv2d, nn.Linear) if source == "conv" else SCALE_NORMS
     n = member_size(group)
     per_layer = []
     for m in group.members:

@@ -90,7 +90,7 @@ def _member_masks(model: nn.Module, group: ChannelGroup, keep: torch.Tensor, *, 
     LayerNorm's scales), bare parameters their entries along their dim, consumers (``in``) their weight's
     columns. ``filters_only`` keeps only the scored layer's rows; ``zero_bn=False`` leaves norms unmasked.
     """
-    from lit_prune.core.graph import removed_indices
+    from lit_prune.core.graph import SCALE_NORMS, removed_indices
 
     masks: Masks = {}
     for (path, kind, dim), gone in removed_indices({group.name: group}, {group.name: keep}).items():
@@ -99,7 +99,7 @@ def _member_masks(model: nn.Module, group: ChannelGroup, keep: torch.Tensor, *, 
             masks[path] = _along(p, dim % p.dim(), gone)
             continue
         module = model.get_submodule(path)
-        norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+        norm = isinstance(module, SCALE_NORMS)
         if (filters_only and path != group.conv) or (norm and not zero_bn) or (kind == "in" and not consumers):
             continue
         if isinstance(module, nn.MultiheadAttention):

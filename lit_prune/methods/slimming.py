@@ -42,13 +42,16 @@ class BNScaleSlimming(PruningMethod):
 
     # ---- sparsity ------------------------------------------------------------------------------------
     def regularised(self, bn: nn.Module) -> bool:
-        """Whether ``bn`` gets the penalty: every BatchNorm2d and LayerNorm (with affine scales; the norms of
-        ConvNeXt and ViT streams in a model outside the zoo), BatchNorm1d only with ``include_bn1d``."""
+        """Whether ``bn`` gets the penalty: every BatchNorm2d, LayerNorm and GroupNorm (with affine scales; the
+        norms of ConvNeXt and ViT streams, or GroupNorm nets, outside the zoo), BatchNorm1d only with
+        ``include_bn1d``."""
         # A SyncBatchNorm no longer says whether it was 1d or 2d; one present before fit is taken as 2d.
         if isinstance(bn, nn.BatchNorm1d):
             return self.include_bn1d
         if isinstance(bn, nn.LayerNorm):
             return bn.elementwise_affine
+        if isinstance(bn, nn.GroupNorm):
+            return bn.affine
         return isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
 
     def find_bns(self, model: nn.Module) -> list[str]:

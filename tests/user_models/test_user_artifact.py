@@ -90,7 +90,8 @@ def test_the_cli_takes_a_user_builder_and_init_by_import_path(tmp_path: Path, mo
     net, path = _pruned(rebuildable(tiny_resnet, num_classes=10), tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py"])
     common = [f"--model.artifact={path}", "--data=tests.helpers.RandomImageDataModule",
-              "--model.builder=tests.user_models.test_user_methods.tiny_resnet", f"--trainer.default_root_dir={tmp_path}"]
+              "--model.builder=tests.user_models.test_user_methods.tiny_resnet",
+              f"--trainer.default_root_dir={tmp_path}"]
     cli = main([*common, "--model.regime=finetune"], run=False)
     assert _same_outputs(cli.model.model, net) == 0.0
     INITIALISED.clear()

@@ -20,12 +20,11 @@ whose channels are its *heads* (each head owns ``3 * head_dim`` rows of ``qkv`` 
 columns of ``proj``); surgery keeps ``num_heads``/``attn_dim`` equal to what the weights say. The qkv
 rows Torch-Pruning would couple one by one (q, k and v of a head dim must go together) are not offered.
 
-Grouped convolutions that are not depthwise (RegNet's, ResNeXt's) can only lose the same positions of
-each of their slices, and an ``nn.MultiheadAttention`` (torchvision's ViT), whose stream width is its
-``num_heads * head_dim``, the same positions of each head, and a GroupNorm the same positions of each of
-its groups: the channels at one position are tied into one channel of the group (:func:`_tie_slices`), as
-Torch-Pruning's pruner does when it ranks them together.
-Such an attention block keeps its heads and loses head dims with its stream.
+Some layers can only lose the same positions of each of their equal slices: a grouped convolution that
+is not depthwise (RegNet's, ResNeXt's) of each of its groups, a GroupNorm of each of its groups, and an
+``nn.MultiheadAttention`` (torchvision's ViT, whose stream width is ``num_heads * head_dim``) of each head,
+so that it keeps its heads and loses head dims with its stream. The channels at one position are tied into
+one channel of the group (:func:`_tie_slices`), as Torch-Pruning's pruner ranks them together.
 
 Refused, and logged at DEBUG level (the layers keep their width): groups that reach the model's output
 (the classifier's logits), and groups through a layer we cannot cut exactly -- LSTMs and other RNNs, and
@@ -34,9 +33,9 @@ an ``nn.MultiheadAttention`` whose keys and values have their own widths.
 Masks: a masked group equals the physically pruned model (the design's invariant) wherever its channels
 pass through BatchNorm, convs, linears and element-wise ops. A LayerNorm normalises over all channels, so
 zeroing some of them changes the statistics of the rest (a GroupNorm likewise within each of its groups),
-and an ``nn.MultiheadAttention`` scales its
-scores by ``1 / sqrt(head_dim)``, which pruning changes: for a group with such a member (ConvNeXt and ViT
-streams) the masked model is an approximation of the pruned one; :func:`mask_exact` says which.
+and an ``nn.MultiheadAttention`` scales its scores by ``1 / sqrt(head_dim)``, which pruning changes: for a
+group with such a member (ConvNeXt and ViT streams) the masked model is an approximation of the pruned one;
+:func:`mask_exact` says which.
 """
 
 from __future__ import annotations
@@ -262,8 +261,8 @@ def _merge(members: list[Member]) -> tuple[Member, ...]:
 
 
 def _tie_slices(model: nn.Module, members: tuple[Member, ...]) -> tuple[Member, ...] | str:
-    """Members whose channels respect the slices of the grouped convs and attention heads among them
-    (:func:`_slices`), or why they cannot.
+    """Members whose channels respect the slices of the grouped convs, GroupNorms and attention heads among
+    them (:func:`_slices`), or why they cannot.
 
     A layer with slices of width ``w`` can lose a position ``p`` (0 <= p < w) only from all of its slices
     at once. The channels of the group that sit at the same position of such a layer's slices are

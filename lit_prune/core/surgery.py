@@ -9,10 +9,10 @@ an optimizer or a DDP wrapper exists.
 Groups found by Torch-Pruning (any model outside the zoo, :mod:`lit_prune.core.graph`) are cut member by
 member: every tensor loses the indices of the removed channels of every group at once, our slicers for
 convs, linears and BatchNorms, Torch-Pruning's own per-layer functions for the rest (depthwise and grouped
-convs, LayerNorm, PReLU, embeddings, ``nn.MultiheadAttention``), attention blocks keep ``num_heads`` equal to
-their weights, and a model that keeps its stream width as ``hidden_dim`` (torchvision's ViT) is told the
-new one. The pruned
-model's groups are then the old ones renumbered (no second trace).
+convs, LayerNorm, GroupNorm, PReLU, embeddings, ``nn.MultiheadAttention``), attention blocks keep
+``num_heads`` equal to their weights, and a model that keeps its stream width as ``hidden_dim``
+(torchvision's ViT) is told the new one. The pruned model's groups are then the old ones renumbered (no
+second trace).
 
 Such a model cannot read its widths back from data as a zoo model does, so surgery records what it cut on
 the network itself (``lit_prune_edits``: per tensor, the indices kept along the pruned dimension, and the
@@ -206,7 +206,7 @@ def _follow_width(model: nn.Module, path: str, before: int, after: int) -> list[
     parts = path.split(".")
     for owner in (".".join(parts[:i]) for i in range(len(parts))):
         m = model.get_submodule(owner)
-        if getattr(m, "hidden_dim", None) == before and isinstance(before, int):
+        if getattr(m, "hidden_dim", None) == before:
             m.hidden_dim = after
             edits.append({"path": owner, "kind": "attr", "name": "hidden_dim", "value": after})
     return edits
@@ -292,6 +292,8 @@ def _cut(model: nn.Module, path: str, kind: str, dim: int, gone: torch.Tensor) -
     """Remove indices ``gone`` of one member: our slicers where they apply, Torch-Pruning's functions otherwise."""
     from torch_pruning.pruner import function as tpf
 
+    from lit_prune.core.graph import is_depthwise
+
     if kind == "param":
         parent, _, name = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
@@ -306,7 +308,7 @@ def _cut(model: nn.Module, path: str, kind: str, dim: int, gone: torch.Tensor) -
         _slice_out(m, _complement(m.weight.shape[0] if m.weight is not None else m.num_features, gone))
     elif plain:
         _slice_columns(m, _complement(m.weight.shape[1], gone))
-    elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:  # depthwise: filters = inputs
+    elif is_depthwise(m):  # its filters are its inputs
         tpf.prune_depthwise_conv_out_channels(m, gone.tolist())
     elif isinstance(m, nn.Conv2d):  # grouped: the same positions go from every slice (graph._tie_conv_groups)
         (tpf.prune_conv_out_channels if kind == "out" else tpf.prune_conv_in_channels)(m, gone.tolist())
